@@ -40,16 +40,13 @@ PRESETS = {
     "PixArt-XL-2-256": PixArtConfig(input_size=32),
     "PixArt-XL-2-512": PixArtConfig(input_size=64),
     "PixArt-XL-2-1024-MS": PixArtConfig(input_size=128, micro_condition=True, pe_interpolation=2.0),
-    "PixArt-S-2": PixArtConfig(hidden_size=384, depth=12, num_heads=6),
     "toy": PixArtConfig(input_size=32, in_channels=3, hidden_size=192, depth=6, num_heads=3,
                         caption_channels=64, model_max_length=24),
     "tiny": PixArtConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, caption_channels=32),
 }
 
 
-#################################################################################
-#                      Embedding layers for timesteps and positions             #
-#################################################################################
+# ==================== Embedding layers for timesteps and positions ============
 
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal features [cos, sin] of (B,) scalars, as in DiT and the official code."""
@@ -82,9 +79,7 @@ def sincos_pos_embed(dim, gh, gw, base_size, pe_interpolation):
     return table.reshape(gh * gw, dim).float()
 
 
-#################################################################################
-#                                 Core PixArt block                             #
-#################################################################################
+# ==================== Core PixArt block =======================================
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
@@ -123,9 +118,9 @@ class CrossAttention(nn.Module):
 
 class Mlp(nn.Module):
     """Two linears with tanh-GELU between, as in the official code (its caption embedder uses one too)."""
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, out=None):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, out or dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -164,16 +159,13 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))               # (B, N, p*p*C_out)
 
 
-#################################################################################
-#                                   PixArt model                                #
-#################################################################################
+# ==================== PixArt model ============================================
 
 class CaptionEmbedder(nn.Module):
     """T5 features -> hidden size. Holds the null caption used for dropout and guidance."""
     def __init__(self, caption_channels, hidden_size, num_tokens):
         super().__init__()
-        self.y_proj = Mlp(caption_channels, hidden_size)
-        self.y_proj.fc2 = nn.Linear(hidden_size, hidden_size)         # fc1: C -> D, fc2: D -> D
+        self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
         self.register_buffer("y_embedding", torch.randn(num_tokens, caption_channels) / caption_channels ** 0.5)
 
 
@@ -206,25 +198,15 @@ class PixArt(nn.Module):
     def initialize_weights(self):
         # Official init: xavier for every linear, then normal(0.02) for the embedding MLPs, and zeros for the
         # cross-attention output and the final linear, so training starts from "no text effect, no output".
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+        for m in self.modules():                                      # the patchify conv counts as a linear
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight.view(len(m.weight), -1))
                 nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))               # patchify as a linear
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
-                     self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
-        if self.config.micro_condition:
-            embedders += [self.csize_embedder.mlp[0], self.csize_embedder.mlp[2],
-                          self.ar_embedder.mlp[0], self.ar_embedder.mlp[2]]
-        for m in embedders:
-            nn.init.normal_(m.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and ("embedder" in name or name == "t_block.1"):
+                nn.init.normal_(m.weight, std=0.02)
+            if name.endswith("cross_attn.proj") or name == "final_layer.linear":
+                nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
 
     def pos_embed_for(self, gh, gw):
         """The (1, gh*gw, D) position table for a gh x gw token grid, computed once per size."""
@@ -267,9 +249,7 @@ class PixArt(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)  # (B, C_out, H, W)
 
 
-#################################################################################
-#                        Diffusion: schedule, loss, samplers                    #
-#################################################################################
+# ==================== Diffusion: schedule, loss, samplers =====================
 
 T = 1000                                                   # training steps, linear betas 1e-4 .. 0.02 (§ appendix)
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -303,12 +283,10 @@ def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None)
     xt = q_sample(x0, t, noise)
     eps, v = model(xt, t, y, mask, hw, ar).float().split(C, dim=1)              # (B, C, H, W) each
     mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
-    a_t = ALPHAS_CUMPROD.to(x0.device)[t].float()[:, None, None, None]
-    a_s = ALPHAS_CUMPROD.to(x0.device)[(t - 1).clamp(min=0)].float()[:, None, None, None]
-    a_s = torch.where(t[:, None, None, None] == 0, torch.ones_like(a_s), a_s)
-    true_mean, true_logvar, log_beta = posterior(x0, xt, a_t, a_s)
-    clipped = posterior(x0, xt, ALPHAS_CUMPROD[1].float(), ALPHAS_CUMPROD[0].float())[1]  # log beta~_1 replaces -inf at t=0
-    min_log = torch.where(t[:, None, None, None] == 0, clipped, true_logvar)
+    abar = F.pad(ALPHAS_CUMPROD, (1, 0), value=1.0).float().to(x0.device)   # abar[k] = alpha-bar_(k-1), 1 at k=0
+    a_t, a_s = abar[t + 1].view(B, 1, 1, 1), abar[t].view(B, 1, 1, 1)
+    true_mean, min_log, log_beta = posterior(x0, xt, a_t, a_s)
+    min_log = min_log.clamp(min=math.log(BETAS[1] * (1 - ALPHAS_CUMPROD[0]) / (1 - ALPHAS_CUMPROD[1])))  # t=0: -inf
     x0_pred = (xt - (1 - a_t).sqrt() * eps.detach()) / a_t.sqrt()
     mean, logvar = posterior(x0_pred, xt, a_t, a_s)[0], learned_logvar(v, min_log, log_beta)
     kl = 0.5 * (-1 + logvar - min_log + (min_log - logvar).exp() + (true_mean - mean) ** 2 * (-logvar).exp())
@@ -317,7 +295,7 @@ def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None)
     up = torch.where(x0 > 0.999, torch.ones_like(x0), cdf(x0 - mean + 1 / 255))
     lo = torch.where(x0 < -0.999, torch.zeros_like(x0), cdf(x0 - mean - 1 / 255))
     nll = -(up - lo).clamp(min=1e-12).log()
-    vb = torch.where(t[:, None, None, None] == 0, nll, kl).mean(dim=(1, 2, 3)) / math.log(2.0)   # in bits
+    vb = torch.where(t.view(B, 1, 1, 1) == 0, nll, kl).mean(dim=(1, 2, 3)) / math.log(2.0)   # in bits
     return (mse + vb).mean()
 
 
@@ -363,8 +341,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         elif sampler == "ddpm":                                          # ancestral, with the learned variance
             mean, min_log, max_log = posterior(x0, x, torch.tensor(a_t), torch.tensor(a_s))
             logvar = learned_logvar(out[B:, C:], min_log.float(), max_log.float())
-            z = torch.randn(x.shape, generator=generator, device=x.device) if generator is not None else torch.randn_like(x)
-            x = mean + (0.5 * logvar).exp() * z
+            x = mean + (0.5 * logvar).exp() * torch.randn(x.shape, generator=generator).to(x.device)
         else:                                                            # DPM-Solver++(2M), in lambda = log(alpha/sigma)
             lam = lambda a: 0.5 * math.log(a / (1 - a))
             h = lam(a_s) - lam(a_t)
@@ -377,9 +354,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     return x
 
 
-#################################################################################
-#                    Text: sentencepiece pieces -> T5 features                  #
-#################################################################################
+# ==================== Text: sentencepiece pieces -> T5 features ===============
 
 def local_folder(path, allow_patterns=None):
     """A local file or folder as it is, or a hub id ("org/name") downloaded once into the hub's cache."""
@@ -432,9 +407,7 @@ class T5TextEncoder:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
 
-#################################################################################
-#            Weights: official .pth, safetensors and the diffusers layout       #
-#################################################################################
+# ==================== Weights: official .pth, safetensors and the diffusers layout 
 
 DIFFUSERS_NAMES = [  # (diffusers, official) name pieces; q/k/v are fused separately below
     ("pos_embed.proj.", "x_embedder.proj."), ("caption_projection.linear_1.", "y_embedder.y_proj.fc1."),
@@ -474,18 +447,17 @@ def config_from_diffusers(cfg):
 
 def config_from_weights(sd):
     """What the tensors' shapes tell. Head count is not in the weights: XL has 16 heads, DiT's others 64 wide."""
-    if "x_embedder.proj.weight" not in sd:
-        raise ValueError(f"not a PixArt checkpoint: no x_embedder.proj.weight among its {len(sd)} keys "
-                         f"(first: {sorted(sd)[:3]})")
-    D, c_in, p = sd["x_embedder.proj.weight"].shape[:3]
-    cfg = dict(patch_size=p, in_channels=c_in, hidden_size=D, num_heads=16 if D == 1152 else max(D // 64, 1),
-               depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
-               caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
-               learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * c_in,
-               micro_condition="csize_embedder.mlp.0.weight" in sd)
-    if "y_embedder.y_embedding" in sd:
-        cfg["model_max_length"] = sd["y_embedder.y_embedding"].shape[0]
+    try:
+        D, c_in, p = sd["x_embedder.proj.weight"].shape[:3]
+        cfg = dict(patch_size=p, in_channels=c_in, hidden_size=D, num_heads=16 if D == 1152 else max(D // 64, 1),
+                   depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+                   mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+                   caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
+                   model_max_length=len(sd.get("y_embedder.y_embedding", range(120))),
+                   learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * c_in,
+                   micro_condition="csize_embedder.mlp.0.weight" in sd)
+    except KeyError as e:
+        raise ValueError(f"not a PixArt checkpoint: it has no {e} (first keys: {sorted(sd)[:3]})") from None
     if "pos_embed" in sd:                                                # (1, (input_size/p)^2, D)
         cfg["input_size"] = math.isqrt(sd["pos_embed"].shape[1]) * p
         cfg["pe_interpolation"] = max(cfg["input_size"] // 64, 1)       # official: 2 at 1024 px, else 1
@@ -539,7 +511,7 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
     names = {f.name for f in fields(PixArtConfig)}
     if unknown := config.keys() - names:
         raise TypeError(f"unknown config fields {sorted(unknown)}; PixArtConfig has {sorted(names)}")
-    cfg = {**config_from_weights(sd), **(stored or {}), **config}
+    cfg = {**(stored or config_from_weights(sd)), **config}
     if "input_size" not in cfg:
         raise ValueError(f"{path} does not tell the training resolution: pass input_size (latent side, 128 at 1024 px)")
     model = PixArt(PixArtConfig(**cfg))
