@@ -198,9 +198,10 @@ class PixArt(nn.Module):
     def initialize_weights(self):
         # Official init: xavier for every linear, then normal(0.02) for the embedding MLPs, and zeros for the
         # cross-attention output and the final linear, so training starts from "no text effect, no output".
-        for m in self.modules():                                      # the patchify conv counts as a linear
+        for m in self.modules():                 # the patchify conv counts as a linear (its bias keeps torch's init)
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight.view(len(m.weight), -1))
+            if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear) and ("embedder" in name or name == "t_block.1"):
@@ -327,16 +328,16 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     ts, abar = timesteps(steps), ALPHAS_CUMPROD
     x, x0_prev = noise.float(), None
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
-        t, s = ts[i], (ts[i + 1] if i + 1 < steps else None)
+        t = ts[i]
         out = model(torch.cat([x, x]).to(dtype), t.repeat(2 * B).to(x.device), y2, m2, hw2, ar2).float()
         eps_u, eps_c = out[:, :C].chunk(2)                               # (B, C, H, W) each
         eps = eps_u + cfg_scale * (eps_c - eps_u)                        # classifier-free guidance on eps
         a_t = abar[t].item()
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)             # the clean latents it predicts
-        if s is None:                                                    # every sampler ends on that estimate
-            return x0
-        a_s = abar[s].item()
-        if sampler == "ddim":                                            # deterministic: keep the same eps
+        a_s = abar[ts[i + 1]].item() if i + 1 < steps else 1.0          # 1.0: clean
+        if i + 1 == steps:                                               # every sampler ends on that estimate
+            x = x0
+        elif sampler == "ddim":                                            # deterministic: keep the same eps
             x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
         elif sampler == "ddpm":                                          # ancestral, with the learned variance
             mean, min_log, max_log = posterior(x0, x, torch.tensor(a_t), torch.tensor(a_s))

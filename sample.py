@@ -1,0 +1,247 @@
+"""Text -> PNG with PixArt-alpha: T5 encodes the prompts, the transformer denoises latents, the VAE decodes them.
+
+    python sample.py "a small red circle above a blue square"                 # no weights yet: random, see below
+    python sample.py "an astronaut riding a horse" --model PixArt-alpha/PixArt-XL-2-1024-MS --dtype bf16
+    python sample.py -h                                                        # every option
+
+--model takes a diffusers pipeline folder or hub id; --ckpt an official .pth / .safetensors with --t5 and --vae.
+"""
+import argparse
+import gc
+import math
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pixart_min import PRESETS, PixArt, T5TextEncoder, load_pixart, local_folder, sample
+from vae import AutoencoderKL
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PIPELINE = ["transformer", "text_encoder", "tokenizer", "vae"]  # the folders of a diffusers pipeline we read
+
+# The 33 aspect-ratio buckets PixArt-alpha 1024-MS samples at, h/w -> (height, width) in pixels; for a model
+# trained at 512 or 256 px the sizes scale by 512/1024 or 256/1024. (Official code; diffusers ASPECT_RATIO_1024_BIN.)
+ASPECT_RATIOS = {
+    0.25: (512, 2048), 0.28: (512, 1856), 0.32: (576, 1792), 0.33: (576, 1728), 0.35: (576, 1664),
+    0.4: (640, 1600), 0.42: (640, 1536), 0.48: (704, 1472), 0.5: (704, 1408), 0.52: (704, 1344),
+    0.57: (768, 1344), 0.6: (768, 1280), 0.68: (832, 1216), 0.72: (832, 1152), 0.78: (896, 1152),
+    0.82: (896, 1088), 0.88: (960, 1088), 0.94: (960, 1024), 1.0: (1024, 1024), 1.07: (1024, 960),
+    1.13: (1088, 960), 1.21: (1088, 896), 1.29: (1152, 896), 1.38: (1152, 832), 1.46: (1216, 832),
+    1.67: (1280, 768), 1.75: (1344, 768), 2.0: (1408, 704), 2.09: (1472, 704), 2.4: (1536, 640),
+    2.5: (1600, 640), 3.0: (1728, 576), 4.0: (2048, 512),
+}
+
+
+def bucket(h, w, native, multiple):
+    """The bucket whose aspect ratio is closest to h/w, at the model's native size (diffusers'
+    classify_height_width_bin), rounded to a size the model can take (a no-op for the official models)."""
+    ratio = min(ASPECT_RATIOS, key=lambda r: abs(r - h / w))
+    return tuple(max(multiple, round(v * native / 1024 / multiple) * multiple) for v in ASPECT_RATIOS[ratio])
+
+
+def resize_and_crop(images, h, w):
+    """Scale (B, 3, H, W) images to cover h x w, then cut out the centre (diffusers' resize_and_crop_tensor)."""
+    H, W = images.shape[-2:]
+    if (H, W) == (h, w):
+        return images
+    s = max(h / H, w / W)
+    rh, rw = max(h, int(H * s)), max(w, int(W * s))
+    images = F.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    top, left = (rh - h) // 2, (rw - w) // 2
+    return images[:, :, top:top + h, left:left + w]                   # (B, 3, h, w)
+
+
+def random_components(device, dtype):
+    """No model given: a tiny T5 (with a sentencepiece vocabulary trained on the spot), PixArt and VAE, all with
+    random seeded weights, so that every step below runs. A stand-in until the bundled toy model exists."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel
+    words = "a an the small large red green blue yellow circle square triangle star above below left right of"
+    with torch.random.fork_rng(), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(words.split()), model_prefix=f"{tmp}/spiece",
+                                       vocab_size=64, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2,
+                                       bos_id=-1, num_threads=1, minloglevel=2)   # T5's ids: pad 0, </s> 1
+        config = PRESETS["tiny"]
+        vocab = spm.SentencePieceProcessor(model_file=f"{tmp}/spiece.model").get_piece_size()
+        T5EncoderModel(T5Config(vocab_size=vocab, d_model=config.caption_channels, d_kv=8, d_ff=64, num_layers=2,
+                                num_heads=4, feed_forward_proj="gated-gelu")).save_pretrained(tmp)
+        text = T5TextEncoder(tmp, device, dtype, max_length=config.model_max_length)
+        model = PixArt(config)
+        for p in model.parameters():                                  # un-zero the zero-initialised outputs,
+            if not p.any():                                           # or the prompt would change nothing
+                torch.nn.init.normal_(p, std=0.02)
+        vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+    return lambda: text, model.eval(), vae.eval()
+
+
+def load_components(args, dtype):
+    """(a function that loads the text encoder, the transformer, the VAE), the last two on the CPU for now."""
+    if args.model:
+        root = args.model
+        return lambda: T5TextEncoder(root, args.device, dtype), load_pixart(root, dtype=dtype), \
+            AutoencoderKL.from_pretrained(root, dtype=dtype)
+    if args.ckpt:
+        return lambda: T5TextEncoder(args.t5, args.device, dtype), load_pixart(args.ckpt, dtype=dtype), \
+            AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
+    return random_components(args.device, dtype)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_args(args, error):
+    """Every mistake we can see before loading a model, as `sample.py: error: ...` (exit code 2)."""
+    if args.steps < 1 or args.steps > 1000:
+        error(f"--steps must be from 1 to 1000, got {args.steps}")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        error(f"--cfg must be a finite number >= 0, got {args.cfg}")
+    if args.n < 1:
+        error(f"--n must be at least 1, got {args.n}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            error(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
+    if args.ckpt and not (args.t5 and args.vae):
+        error("--ckpt needs --t5 (a T5 or pipeline folder) and --vae (a VAE or pipeline folder) too")
+    if (args.t5 or args.vae) and not args.ckpt:
+        error("--t5 and --vae go with --ckpt; a --model pipeline folder has its own")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        error("--device cuda, but torch sees no CUDA device here: use --device cpu")
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            error(f"no such file: {args.prompts_file}")
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            error(f"no prompts in {args.prompts_file}: it has only blank lines")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            warnings.warn(f"prompt {i} is empty: with no text to guide it, that picture is sampled from the "
+                          f"null caption only (an unconditional sample)")
+    try:                                                              # a hub id is downloaded once, here
+        if args.model:
+            args.model = local_folder(args.model, [f"{d}/*" for d in PIPELINE])
+            if missing := [d for d in PIPELINE if not (args.model / d).is_dir()]:
+                error(f"{args.model} is not a PixArt pipeline folder: it has no {', '.join(missing)} folder")
+        if args.ckpt and not Path(args.ckpt).is_file():
+            error(f"no such checkpoint file: {args.ckpt}")
+        if args.ckpt:
+            args.t5 = local_folder(args.t5, ["text_encoder/*", "tokenizer/*", "spiece.model", "config.json", "model*"])
+            args.vae = local_folder(args.vae, ["vae/*", "config.json", "diffusion_pytorch_model*"])
+    except FileNotFoundError as e:
+        error(str(e))
+    return prompts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", nargs="*", help="one picture per prompt (times --n)")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line; blank lines are skipped")
+    parser.add_argument("--n", type=int, default=1, help="images per prompt")
+    parser.add_argument("--out", default="out", help="folder for the PNGs; existing files are never overwritten")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="diffusers pipeline folder or hub id, e.g. PixArt-alpha/PixArt-XL-2-1024-MS")
+    source.add_argument("--ckpt", help="official PixArt .pth or .safetensors file (needs --t5 and --vae)")
+    parser.add_argument("--t5", help="with --ckpt: T5 folder (spiece.model + weights) or pipeline folder")
+    parser.add_argument("--vae", help="with --ckpt: diffusers VAE folder or pipeline folder")
+    parser.add_argument("--negative-prompt", help="its T5 features replace the null caption in guidance")
+    parser.add_argument("--seed", type=int, default=0, help="image k of each prompt starts from the noise of seed+k")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--sampler", choices=["dpm-solver", "ddim", "ddpm"], default="dpm-solver")
+    parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
+    parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--offload", action="store_true",
+                        help="load T5, transformer and VAE onto the device one at a time (low GPU memory)")
+    parser.add_argument("--latents", action="store_true", help="also save the clean latents as .pt beside each PNG")
+    args = parser.parse_args(argv)
+    if not (args.model or args.ckpt):
+        print("No --model or --ckpt given: using tiny components with RANDOM weights. "
+              "The pictures will be noise; this shows the pipeline runs, not what PixArt draws.")
+    prompts = check_args(args, parser.error) or ["a small red circle above a large blue square"]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+    # 0. The transformer and the VAE, on the CPU for now: they say which sizes we can sample at.
+    try:
+        load_text, model, vae = load_components(args, dtype)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    c, f = model.config, vae.downscale
+    if vae.post_quant_conv.in_channels != c.in_channels:
+        parser.error(f"the VAE has {vae.post_quant_conv.in_channels} latent channels, the model {c.in_channels}")
+    native, multiple = c.input_size * f, f * c.patch_size
+    H, W = args.height or native, args.width or native               # what the user gets
+    h, w = bucket(H, W, native, multiple) if c.micro_condition else (H, W)   # what the model draws
+    if h % multiple or w % multiple:
+        parser.error(f"--height and --width must be multiples of {multiple} for this model (VAE downscale {f} x "
+                     f"patch size {c.patch_size}), got {H}x{W}")
+    if (h, w) != (H, W):
+        print(f"sampling at the aspect-ratio bucket {h}x{w}, then resizing and cropping to {H}x{W}", file=sys.stderr)
+
+    # 1. Text: T5 features of the prompts, and of the null caption unless the model has learned its own.
+    try:
+        text = load_text()
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    y, mask = text(prompts)                                           # (P, L, C_text), (P, L)
+    null_y = null_mask = None
+    if args.negative_prompt is not None or not model.has_null_caption:  # diffusers weights: "" is the null
+        null_y, null_mask = text([args.negative_prompt or ""])          # caption, as in their pipeline
+    if y.shape[-1] != c.caption_channels:
+        parser.error(f"the text encoder gives {y.shape[-1]} channels, the model expects {c.caption_channels}")
+    if args.offload:
+        del text, load_text
+        free(device)
+
+    # 2. Denoise: image k of every prompt starts from the same noise, drawn on the CPU from seed + k.
+    model.to(device)
+    n = args.n
+    noise = torch.stack([torch.randn(c.in_channels, h // f, w // f, generator=torch.Generator().manual_seed(seed))
+                         for seed in range(args.seed, args.seed + n)]).to(device)   # (n, C, h/f, w/f)
+    hw = torch.tensor([[h, w]], device=device, dtype=torch.float32).repeat(n, 1) if c.micro_condition else None
+    ar = torch.tensor([[h / w]], device=device, dtype=torch.float32).repeat(n, 1) if c.micro_condition else None
+    latents = []
+    for j in range(len(prompts)):
+        null = {} if null_y is None else dict(null_y=null_y.expand(n, -1, -1), null_mask=null_mask.expand(n, -1))
+        latents.append(sample(model, noise, y[j:j + 1].expand(n, -1, -1), mask[j:j + 1].expand(n, -1), **null,
+                              steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, hw=hw, ar=ar,
+                              generator=torch.Generator().manual_seed(args.seed), progress=True).cpu())
+    if args.offload:
+        del model
+        free(device)
+
+    # 3. Decode, bring to the asked size, save: never over an existing file.
+    vae.to(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = 1 + max((int(m[1]) for p in out.iterdir() if (m := re.match(r"(\d+)", p.name))), default=-1)
+    for prompt, lat in zip(prompts, latents):
+        images = vae.decode((lat / vae.scaling_factor).to(device, dtype)).float()   # (n, 3, h, w)
+        images = resize_and_crop(images, H, W).clamp(-1, 1)                         # (n, 3, H, W)
+        pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "empty"
+        for k in range(n):
+            path = out / f"{index:05d}-{slug}.png"
+            Image.fromarray(np.ascontiguousarray(pixels[k])).save(path)
+            print(path)
+            if args.latents:
+                torch.save(lat[k].clone(), path.with_suffix(".pt"))
+                print(path.with_suffix(".pt"))
+            index += 1
+
+
+if __name__ == "__main__":
+    main()

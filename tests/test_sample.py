@@ -1,0 +1,133 @@
+# sample.py end to end, in-process, on the tiny pipelines of conftest.py: sizes, counts, seeds, binning, the
+# --ckpt and --offload paths, the random default, and bad input (exit code 2 with a message naming the problem).
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from pixart_min import load_pixart, save_pixart
+
+FAST = ["--steps", "2", "--device", "cpu"]
+
+
+def run(capsys, *argv):
+    """main(argv) -> the PNG paths it printed, in order."""
+    sample.main([str(a) for a in argv] + FAST)
+    return [Path(line) for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
+
+
+def pixels(paths):
+    return [np.asarray(Image.open(p)) for p in paths]
+
+
+def test_pipeline_sizes_counts_latents_and_seeds(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["a red circle", "a blue square", "--model", pipeline_dir, "--n", 2, "--height", 32, "--width", 48,
+            "--out", out, "--latents"]
+    first = run(capsys, *argv)
+    assert len(first) == 4 and all(p.exists() for p in first)
+    assert all(Image.open(p).size == (48, 32) for p in first)         # PIL gives (width, height)
+    assert all(torch.load(p.with_suffix(".pt")).shape == (4, 16, 24) for p in first)   # tiny VAE: /2
+    images = pixels(first)
+    assert not np.array_equal(images[0], images[1])                     # seed + k: different noise
+    assert not np.array_equal(images[0], images[2])                     # different prompt, same noise
+    saved = [p.read_bytes() for p in first]
+    second = run(capsys, *argv)
+    assert len(second) == 4 and not set(first) & set(second)            # new names, nothing overwritten
+    assert [p.read_bytes() for p in first] == saved
+    assert all(np.array_equal(a, b) for a, b in zip(images, pixels(second)))   # same seed, same images
+
+
+def test_micro_condition_bins_then_crops(pipeline_dir_micro, tmp_path, capsys):
+    # native 16 px (8 latents x 2): 20x36 (h/w 0.556) -> bucket 0.57 (768x1344 / 64 -> 12x21 -> 12x20 on the
+    # multiple of 4), latents 6x10; the decoded 12x20 is scaled by 1.8 to 21x36 and centre-cropped to 20x36
+    paths = run(capsys, "a red circle", "--model", pipeline_dir_micro, "--height", 20, "--width", 36,
+                "--out", tmp_path, "--latents")
+    assert len(paths) == 1 and Image.open(paths[0]).size == (36, 20)
+    assert torch.load(paths[0].with_suffix(".pt")).shape == (4, 6, 10)
+
+
+def test_buckets_match_the_reference():
+    table = json.loads((Path(__file__).parents[2] / "shared/reference/aspect_ratios.json").read_text())
+    assert sample.ASPECT_RATIOS == {float(k): tuple(table["ASPECT_RATIO_1024"][k]) for k in table["inference_keys"]}
+    from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN, ASPECT_RATIO_512_BIN
+    for h, w in [(1024, 1024), (720, 1280), (1080, 1920), (300, 1500), (2000, 480), (900, 1000), (777, 555)]:
+        for native, table in [(1024, ASPECT_RATIO_1024_BIN), (512, ASPECT_RATIO_512_BIN)]:
+            assert sample.bucket(h, w, native, 16) == PixArtImageProcessor.classify_height_width_bin(h, w, table)
+    x = torch.randn(2, 3, 12, 20)
+    assert torch.equal(sample.resize_and_crop(x, 20, 36), PixArtImageProcessor.resize_and_crop_tensor(x, 36, 20))
+
+
+def test_ckpt_with_t5_and_vae(pipeline_dir, tmp_path, capsys):
+    model = load_pixart(pipeline_dir)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "model.pth")
+    save_pixart(model, tmp_path / "model.safetensors")
+    common = ["a red circle", "--height", 16, "--width", 24, "--negative-prompt", "", "--out", tmp_path / "out"]
+    pth = run(capsys, *common, "--ckpt", tmp_path / "model.pth", "--t5", pipeline_dir, "--vae", pipeline_dir / "vae")
+    assert len(pth) == 1 and Image.open(pth[0]).size == (24, 16)
+    # the .safetensors carries the config (the .pth's head count is a guess), and with the same null caption
+    # ("") it must give exactly what the pipeline folder gives
+    st = run(capsys, *common, "--ckpt", tmp_path / "model.safetensors", "--t5", pipeline_dir, "--vae", pipeline_dir)
+    ref = run(capsys, *common, "--model", pipeline_dir)
+    assert np.array_equal(*pixels(st + ref))
+
+
+def test_offload_changes_nothing(pipeline_dir, tmp_path, capsys):
+    argv = ["a red circle", "a blue square", "--model", pipeline_dir, "--out", tmp_path]
+    plain, offloaded = run(capsys, *argv), run(capsys, *argv, "--offload")
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(plain), pixels(offloaded)))
+
+
+def test_default_is_random_and_says_so(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n   \na blue square\n")
+    sample.main(["--prompts-file", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "out")] + FAST)
+    lines = capsys.readouterr().out.splitlines()
+    assert "RANDOM weights" in lines[0] and "noise" in lines[0]
+    paths = [Path(line) for line in lines[1:]]
+    assert len(paths) == 2 and all(Image.open(p).size == (64, 64) for p in paths)
+
+
+def test_empty_prompt_warns(pipeline_dir, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="prompt 0 is empty"):
+        assert len(run(capsys, "", "--model", pipeline_dir, "--out", tmp_path)) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--height", "30"], "multiples of 4"),
+    (["--steps", "0"], "--steps"),
+    (["--cfg", "nan"], "--cfg"),
+    (["--n", "0"], "--n"),
+    (["--model", "{tmp}/no-such-folder"], "no-such-folder"),
+    (["--ckpt", "{tmp}/model.pth"], "--t5"),
+    (["--ckpt", "{tmp}/missing.pth", "--t5", "{pipe}", "--vae", "{pipe}"], "missing.pth"),
+    (["--model", "{tmp}"], "not a PixArt pipeline folder"),
+])
+def test_bad_input_exits_2(argv, message, pipeline_dir, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, pipe=pipeline_dir) for a in argv]
+    if "--model" not in argv and "--ckpt" not in argv:
+        argv += ["--model", str(pipeline_dir)]
+    with pytest.raises(SystemExit) as e:
+        sample.main(FAST + ["a red circle", "--out", str(tmp_path / "out")] + argv)   # argv last: it wins
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "sample.py: error:" in err and message in err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 chatter inside diffusers' scheduler
+def test_same_pictures_as_diffusers_pipeline(pipeline_dir, tmp_path, capsys):
+    """diffusers' PixArtAlphaPipeline (the oracle) on the same folder and the same starting noise."""
+    from diffusers import PixArtAlphaPipeline
+    paths = run(capsys, "a red circle", "a blue square", "--model", pipeline_dir, "--n", 2, "--height", 16,
+                "--width", 24, "--out", tmp_path)
+    pipe = PixArtAlphaPipeline.from_pretrained(pipeline_dir)
+    noise = torch.stack([torch.randn(4, 8, 12, generator=torch.Generator().manual_seed(k)) for k in range(2)])
+    for j, prompt in enumerate(["a red circle", "a blue square"]):
+        ref = pipe(prompt, num_images_per_prompt=2, height=16, width=24, num_inference_steps=2, latents=noise,
+                   clean_caption=False, use_resolution_binning=False, output_type="np").images
+        ours = np.stack(pixels(paths[2 * j:2 * j + 2])).astype(np.float32) / 255
+        assert np.abs(ours - ref).max() <= 1.01 / 255                  # PNG rounding only
