@@ -259,15 +259,17 @@ ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, dim=0)           # alpha-bar_t: the sh
 
 def q_sample(x0, t, noise):
     """Noise clean latents to step t: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-    a = ALPHAS_CUMPROD.to(x0.device)[t].float()[:, None, None, None]
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+    a = ALPHAS_CUMPROD.to(x0.device)[t][:, None, None, None]
+    return a.sqrt().float() * x0 + (1 - a).sqrt().float() * noise
 
 
 def posterior(x0, xt, a_t, a_s):
-    """Mean and log-variance of q(x_s | x_t, x0) for any s < t (s = t-1 in training, a skip when sampling)."""
+    """Mean, log-variance and log beta of q(x_s | x_t, x0) for s < t (s = t-1 in training, a skip when sampling).
+    a_t, a_s are float64 alpha-bars: in float32, 1 - 0.9999 loses most of its digits."""
     beta = 1 - a_t / a_s                                   # the effective beta of the step t -> s
-    mean = (a_s.sqrt() * beta * x0 + (a_t / a_s).sqrt() * (1 - a_s) * xt) / (1 - a_t)
-    return mean, (beta * (1 - a_s) / (1 - a_t)).log(), beta.log()
+    c0, c1 = a_s.sqrt() * beta / (1 - a_t), (a_t / a_s).sqrt() * (1 - a_s) / (1 - a_t)
+    logvar = (beta * (1 - a_s) / (1 - a_t)).log()
+    return c0.float() * x0 + c1.float() * xt, logvar.float(), beta.log().float()
 
 
 def learned_logvar(v, min_log, max_log):
@@ -284,11 +286,11 @@ def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None)
     xt = q_sample(x0, t, noise)
     eps, v = model(xt, t, y, mask, hw, ar).float().split(C, dim=1)              # (B, C, H, W) each
     mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
-    abar = F.pad(ALPHAS_CUMPROD, (1, 0), value=1.0).float().to(x0.device)   # abar[k] = alpha-bar_(k-1), 1 at k=0
+    abar = F.pad(ALPHAS_CUMPROD, (1, 0), value=1.0).to(x0.device)   # abar[k] = alpha-bar_(k-1), 1 at k=0
     a_t, a_s = abar[t + 1].view(B, 1, 1, 1), abar[t].view(B, 1, 1, 1)
     true_mean, min_log, log_beta = posterior(x0, xt, a_t, a_s)
     min_log = min_log.clamp(min=math.log(BETAS[1] * (1 - ALPHAS_CUMPROD[0]) / (1 - ALPHAS_CUMPROD[1])))  # t=0: -inf
-    x0_pred = (xt - (1 - a_t).sqrt() * eps.detach()) / a_t.sqrt()
+    x0_pred = (xt - (1 - a_t).sqrt().float() * eps.detach()) / a_t.sqrt().float()
     mean, logvar = posterior(x0_pred, xt, a_t, a_s)[0], learned_logvar(v, min_log, log_beta)
     kl = 0.5 * (-1 + logvar - min_log + (min_log - logvar).exp() + (true_mean - mean) ** 2 * (-logvar).exp())
     # at t = 0 the bound's term is the decoder's likelihood of x0 on a 256-level grid instead
@@ -312,7 +314,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given."""
     if sampler not in ("dpm-solver", "ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
-    if not (isinstance(steps, int) and 1 <= steps <= T):
+    if not (int(steps) == steps and 1 <= steps <= T):
         raise ValueError(f"steps must be an integer from 1 to {T}, got {steps!r}")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
@@ -322,10 +324,12 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
                              "null_mask, the features of the negative prompt ('' by default)")
         null_y = model.y_embedder.y_embedding[None, :y.shape[1]].expand_as(y)   # the official guidance: the
         null_mask = mask                                                      # learned null caption, prompt's mask
+    if (null_mask is None) != (mask is None):
+        raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens are real")
     B, C, dtype = len(noise), model.config.in_channels, next(model.parameters()).dtype
     y2, m2 = torch.cat([null_y, y]).to(dtype), None if mask is None else torch.cat([null_mask, mask])
     hw2, ar2 = (None, None) if hw is None else (torch.cat([hw, hw]).to(dtype), torch.cat([ar, ar]).to(dtype))
-    ts, abar = timesteps(steps), ALPHAS_CUMPROD
+    ts, abar = timesteps(int(steps)), ALPHAS_CUMPROD
     x, x0_prev = noise.float(), None
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
         t = ts[i]
@@ -340,7 +344,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         elif sampler == "ddim":                                            # deterministic: keep the same eps
             x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
         elif sampler == "ddpm":                                          # ancestral, with the learned variance
-            mean, min_log, max_log = posterior(x0, x, torch.tensor(a_t), torch.tensor(a_s))
+            mean, min_log, max_log = posterior(x0, x, abar[t], abar[ts[i + 1]])
             logvar = learned_logvar(out[B:, C:], min_log.float(), max_log.float())
             x = mean + (0.5 * logvar).exp() * torch.randn(x.shape, generator=generator).to(x.device)
         else:                                                            # DPM-Solver++(2M), in lambda = log(alpha/sigma)
@@ -507,8 +511,8 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
         stored = config_from_diffusers(json.loads((folder / "config.json").read_text()))
     else:
         sd, stored = read_weights(path)
-    if "pos_embed.proj.weight" in sd:
-        sd = from_diffusers(sd)
+    diffusers = "pos_embed.proj.weight" in sd
+    sd = from_diffusers(sd) if diffusers else sd
     names = {f.name for f in fields(PixArtConfig)}
     if unknown := config.keys() - names:
         raise TypeError(f"unknown config fields {sorted(unknown)}; PixArtConfig has {sorted(names)}")
@@ -520,8 +524,9 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
         raise ValueError(f"pos_embed is {tuple(sd['pos_embed'].shape)} in {path}, but input_size "
                          f"{cfg['input_size']} gives {tuple(model.pos_embed.shape)}")
     sd["pos_embed"] = model.pos_embed                                    # a fixed sin-cos table: recomputed
-    model.has_null_caption = "y_embedder.y_embedding" in sd              # diffusers drops it
-    sd.setdefault("y_embedder.y_embedding", model.y_embedder.y_embedding)
+    if diffusers:                                                        # diffusers drops the null caption
+        model.has_null_caption = False
+        sd["y_embedder.y_embedding"] = model.y_embedder.y_embedding
     load_strict(model, sd, str(path))
     return model.to(device, dtype).eval()
 

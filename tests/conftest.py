@@ -353,3 +353,20 @@ def pipeline_dir(tmp_path_factory):
 def pipeline_dir_micro(tmp_path_factory):
     """A tiny 1024-MS-style pipeline folder: the transformer has the size/aspect-ratio micro-conditions."""
     return make_pipeline_dir(tmp_path_factory.mktemp("pipeline_micro"), micro=True)
+
+
+# ---- the parity table: tests call report(); pytest prints what they measured at the end of the run ----
+PARITY = []
+
+
+def report(label, err):
+    """Record one measured max |error| for the summary that README's parity table is copied from."""
+    PARITY.append((label, err))
+    return err
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.section("parity: max |ours - reference| (fp32)")
+        for label, err in PARITY:
+            terminalreporter.write_line(f"{err:9.1e}  {label}")

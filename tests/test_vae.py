@@ -1,16 +1,13 @@
 # vae.py against diffusers' AutoencoderKL (test-only oracle), random weights, nothing downloaded.
 import json
-import pathlib
 import re
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from safetensors.torch import save_file
 
+from conftest import report
 from vae import AutoencoderKL
 
 TOL = 1e-4
@@ -52,14 +49,15 @@ def rewrite(folder, state, tmp_path):
     return tmp_path
 
 
-def check_parity(ref, ours, images):
+def check_parity(ref, ours, images, label):
     with torch.no_grad():
         dist = ref.encode(images).latent_dist
         mean, std = ours.encode(images)
         latents = torch.randn_like(mean)
         errors = dict(mean=max_err(mean, dist.mean), std=max_err(std, dist.std),
                       decode=max_err(ours.decode(latents), ref.decode(latents).sample))
-    print({k: f"{v:.2e}" for k, v in errors.items()})
+    for k, v in errors.items():
+        report(f"VAE {label}: {k}", v)
     assert all(e <= TOL for e in errors.values()), errors
 
 
@@ -70,7 +68,7 @@ def test_narrow_parity(narrow):
     assert ours.state_dict().keys() == ref.state_dict().keys()
     torch.manual_seed(1)
     images = torch.rand(2, 3, 32, 48) * 2 - 1                                  # non-square
-    check_parity(ref, ours, images)
+    check_parity(ref, ours, images, "narrow config, 2x3x32x48 image")
     assert ours.encode(images)[0].shape == (2, 4, 8, 12)
 
 
@@ -96,7 +94,7 @@ def test_old_attention_names(narrow, tmp_path):
     assert any(".query." in k for k in old) and any(".proj_attn." in k for k in old)
     ours = AutoencoderKL.from_pretrained(rewrite(folder, old, tmp_path))
     torch.manual_seed(2)
-    check_parity(ref, ours, torch.rand(1, 3, 16, 24) * 2 - 1)
+    check_parity(ref, ours, torch.rand(1, 3, 16, 24) * 2 - 1, "old attention names")
 
 
 def test_sd_vae_full_size_decode(tmp_path):
@@ -107,7 +105,7 @@ def test_sd_vae_full_size_decode(tmp_path):
     latents = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         out, want = ours.decode(latents), ref.decode(latents).sample
-    print(f"full decode max err {max_err(out, want):.2e}, output max abs {want.abs().max():.2e}")
+    report("VAE sd-vae-ft-ema config: decode 1x4x8x8", max_err(out, want))
     assert out.shape == (1, 3, 64, 64) and max_err(out, want) <= TOL
 
 
