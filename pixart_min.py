@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 @dataclass
 class PixArtConfig:
+    """Sizes of a PixArt model, named as in the official code; the defaults are PixArt-XL-2 at 256 px."""
     input_size: int = 32          # latent side at the training resolution (256 px / 8)
     patch_size: int = 2
     in_channels: int = 4
@@ -46,7 +47,7 @@ PRESETS = {
 }
 
 
-# ==================== Embedding layers for timesteps and positions ============
+# ==================== Embeddings for timesteps and positions (§2.3) ===========
 
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal features [cos, sin] of (B,) scalars, as in DiT and the official code."""
@@ -79,7 +80,7 @@ def sincos_pos_embed(dim, gh, gw, base_size, pe_interpolation):
     return table.reshape(gh * gw, dim).float()
 
 
-# ==================== Core PixArt block =======================================
+# ==================== The PixArt block (§2.3) =================================
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
@@ -250,7 +251,7 @@ class PixArt(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)  # (B, C_out, H, W)
 
 
-# ==================== Diffusion: schedule, loss, samplers =====================
+# ==================== Diffusion: schedule, loss, samplers ======================
 
 T = 1000                                                   # training steps, linear betas 1e-4 .. 0.02 (§ appendix)
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
