@@ -41,7 +41,7 @@ PRESETS = {
     "PixArt-XL-2-256": PixArtConfig(input_size=32),
     "PixArt-XL-2-512": PixArtConfig(input_size=64),
     "PixArt-XL-2-1024-MS": PixArtConfig(input_size=128, micro_condition=True, pe_interpolation=2.0),
-    "toy": PixArtConfig(input_size=32, in_channels=3, hidden_size=192, depth=6, num_heads=3,
+    "toy": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=192, depth=6, num_heads=3,
                         caption_channels=64, model_max_length=24),
     "tiny": PixArtConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, caption_channels=32),
 }
@@ -241,7 +241,7 @@ class PixArt(nn.Module):
         if self.training and (force_drop_ids is not None or c.class_dropout_prob > 0):
             drop = torch.rand(B, device=y.device) < c.class_dropout_prob if force_drop_ids is None else force_drop_ids.bool()
             y = torch.where(drop[:, None, None], self.y_embedder.y_embedding[:y.shape[1]].to(y), y)  # null caption
-        y = self.y_embedder.y_proj(y)                                              # (B, L, D)
+        y = self.y_embedder.y_proj(y.to(x.dtype))                                  # (B, L, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, y, t0, mask, use_reentrant=False)         # recompute in backward
@@ -328,8 +328,8 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     if (null_mask is None) != (mask is None):
         raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens are real")
     B, C, dtype = len(noise), model.config.in_channels, next(model.parameters()).dtype
-    y2, m2 = torch.cat([null_y, y]).to(dtype), None if mask is None else torch.cat([null_mask, mask])
-    hw2, ar2 = (None, None) if hw is None else (torch.cat([hw, hw]).to(dtype), torch.cat([ar, ar]).to(dtype))
+    y2, m2 = torch.cat([null_y, y]), None if mask is None else torch.cat([null_mask, mask])
+    hw2, ar2 = (None, None) if hw is None else (torch.cat([hw, hw]), torch.cat([ar, ar]))
     ts, abar = timesteps(int(steps)), ALPHAS_CUMPROD
     x, x0_prev = noise.float(), None
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
@@ -503,6 +503,8 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
     """An official .pth, a .safetensors file, or a diffusers folder / hub id -> PixArt in eval mode.
     Keyword arguments override config fields the weights cannot tell (num_heads, input_size, ...)."""
     path = local_folder(path, ["transformer/*"])
+    if (path / "pixart.safetensors").exists():                          # this project's own model folders
+        path = path / "pixart.safetensors"
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         files = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.bin"))

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixart_min import PRESETS, PixArt, T5TextEncoder, load_pixart, local_folder, sample
-from vae import AutoencoderKL
+from vae import AutoencoderKL, Pixels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE = ["transformer", "text_encoder", "tokenizer", "vae"]  # the folders of a diffusers pipeline we read
+TOY = Path(__file__).parent / "checkpoints" / "toy"   # the bundled model: pixart.safetensors, text_encoder/, tokenizer/
 
 # The 33 aspect-ratio buckets PixArt-alpha 1024-MS samples at, h/w -> (height, width) in pixels; for a model
 # trained at 512 or 256 px the sizes scale by 512/1024 or 256/1024. (Official code; diffusers ASPECT_RATIO_1024_BIN.)
@@ -39,11 +40,16 @@ ASPECT_RATIOS = {
 }
 
 
-def bucket(h, w, native, multiple):
+# training uses 7 more, the most extreme ratios (the inference table skips them)
+ASPECT_RATIOS_TRAIN = {**ASPECT_RATIOS, 0.26: (512, 1984), 0.27: (512, 1920), 2.89: (1664, 576), 3.11: (1792, 576),
+                       3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512)}
+
+
+def bucket(h, w, native, multiple, table=ASPECT_RATIOS):
     """The bucket whose aspect ratio is closest to h/w, at the model's native size (diffusers'
     classify_height_width_bin), rounded to a size the model can take (a no-op for the official models)."""
-    ratio = min(ASPECT_RATIOS, key=lambda r: abs(r - h / w))
-    return tuple(max(multiple, round(v * native / 1024 / multiple) * multiple) for v in ASPECT_RATIOS[ratio])
+    ratio = min(table, key=lambda r: abs(r - h / w))
+    return tuple(max(multiple, round(v * native / 1024 / multiple) * multiple) for v in table[ratio])
 
 
 def resize_and_crop(images, h, w):
@@ -85,9 +91,9 @@ def random_components(device, dtype):
 def load_components(args, dtype):
     """(a function that loads the text encoder, the transformer, the VAE), the last two on the CPU for now."""
     if args.model:
-        root = args.model
-        return lambda: T5TextEncoder(root, args.device, dtype), load_pixart(root, dtype=dtype), \
-            AutoencoderKL.from_pretrained(root, dtype=dtype)
+        root, model = args.model, load_pixart(args.model, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(root, dtype=dtype) if (root / "vae").is_dir() else Pixels()
+        return lambda: T5TextEncoder(root, args.device, dtype, model.config.model_max_length), model, vae
     if args.ckpt:
         return lambda: T5TextEncoder(args.t5, args.device, dtype), load_pixart(args.ckpt, dtype=dtype), \
             AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
@@ -131,7 +137,8 @@ def check_args(args, error):
     try:                                                              # a hub id is downloaded once, here
         if args.model:
             args.model = local_folder(args.model, [f"{d}/*" for d in PIPELINE])
-            if missing := [d for d in PIPELINE if not (args.model / d).is_dir()]:
+            toy = (args.model / "pixart.safetensors").is_file()       # no vae/: its latents are the pixels
+            if missing := [d for d in PIPELINE if not (args.model / d).is_dir() and not (toy and d in ("transformer", "vae"))]:
                 error(f"{args.model} is not a PixArt pipeline folder: it has no {', '.join(missing)} folder")
         if args.ckpt and not Path(args.ckpt).is_file():
             error(f"no such checkpoint file: {args.ckpt}")
@@ -180,8 +187,8 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         parser.error(str(e))
     c, f = model.config, vae.downscale
-    if vae.post_quant_conv.in_channels != c.in_channels:
-        parser.error(f"the VAE has {vae.post_quant_conv.in_channels} latent channels, the model {c.in_channels}")
+    if vae.latent_channels != c.in_channels:
+        parser.error(f"the VAE has {vae.latent_channels} latent channels, the model {c.in_channels}")
     native, multiple = c.input_size * f, f * c.patch_size
     H, W = args.height or native, args.width or native               # what the user gets
     h, w = bucket(H, W, native, multiple) if c.micro_condition else (H, W)   # what the model draws

@@ -162,6 +162,7 @@ class AutoencoderKL(nn.Module):
         if act_fn != "silu":
             raise ValueError(f"act_fn must be 'silu' (the SD VAE), got {act_fn!r}")
         self.scaling_factor = scaling_factor      # latents are multiplied by this before diffusion (SD: 0.18215)
+        self.latent_channels = latent_channels
         self.downscale = 2 ** (len(chs) - 1)      # 8 for the SD VAE
         self.encoder = Encoder(in_channels, chs, layers_per_block, norm_num_groups, latent_channels)
         self.decoder = Decoder(out_channels, chs, layers_per_block, norm_num_groups, latent_channels)
@@ -217,3 +218,14 @@ class AutoencoderKL(nn.Module):
                              f"unexpected keys: {unexpected}; wrong shapes (file != model): {wrong}")
         model.load_state_dict(renamed, strict=True)
         return model.to(device=device, dtype=dtype).eval()
+
+
+class Pixels(nn.Module):
+    """The toy world's "autoencoder": the latents are the pixels themselves (DESIGN §3), so nothing is learned."""
+    scaling_factor, downscale, latent_channels = 1.0, 1, 3
+
+    def encode(self, images):
+        return images, torch.zeros_like(images)
+
+    def decode(self, latents):
+        return latents

@@ -1,0 +1,145 @@
+# train.py: the re-parameterisation, exact resume, NaN stop, DDP with two CPU processes, real-data folders.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pixart_min as pm
+import train
+from conftest import diffusers_vae, randomize_, write_t5_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "0", "--lr", "1e-3", "--warmup", "2"]
+
+
+def losses(folder):
+    return [float(line.split(",")[1]) for line in (folder / "loss.csv").read_text().splitlines()]
+
+
+def tiny_dit(seed=0):
+    config = pm.PixArtConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_heads=2,
+                             caption_channels=32, model_max_length=6)
+    return randomize_(train.DiT(config, num_classes=5), seed).eval()
+
+
+def test_reparameterised_pixart_computes_what_dit_computed_at_t500():
+    dit = tiny_dit()
+    pixart = train.reparameterize(dit, t=500).eval()
+    torch.manual_seed(0)
+    x, y, mask = torch.randn(3, 4, 8, 8), torch.randn(3, 6, 32), torch.ones(3, 6)
+    t, null = torch.full((3,), 500), torch.full((3,), 5)
+    with torch.no_grad():
+        want = dit(x, t, null)
+        assert (pixart(x, t, y, mask) - want).abs().max() <= 1e-5          # the caption cannot matter yet
+        assert (pixart(x, t, y, mask) - dit(x, t, torch.tensor([0, 1, 2]))).abs().max() > 1e-3   # a class does
+        assert (pixart(x, t // 5, y, mask) - dit(x, t // 5, null)).abs().max() > 1e-3          # other t differ
+    assert all((b.cross_attn.proj.weight == 0).all() for b in pixart.blocks)
+
+
+def test_dit_has_the_official_key_layout(tmp_path):
+    with torch.device("meta"):                              # shapes only: DiT-XL/2 without 2.7 GB of memory
+        dit = train.DiT(pm.PRESETS["PixArt-XL-2-256"], num_classes=1000)
+    sd = dit.state_dict()
+    assert sd["y_embedder.embedding_table.weight"].shape == (1001, 1152)
+    assert sd["blocks.27.adaLN_modulation.1.weight"].shape == (6912, 1152)
+    assert sd["final_layer.adaLN_modulation.1.weight"].shape == (2304, 1152)
+    assert sd["pos_embed"].shape == (1, 256, 1152) and "t_block.1.weight" not in sd
+    assert not any("cross_attn" in k or "scale_shift_table" in k for k in sd)
+    # a file in that layout (plain state dict, as facebookresearch/DiT saves) loads back strictly
+    small = tiny_dit()
+    torch.save(small.state_dict(), tmp_path / "DiT-tiny.pt")
+    loaded = train.load_model(tmp_path / "DiT-tiny.pt", "class")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x, t, torch.tensor([1, 5])), small(x, t, torch.tensor([1, 5])))
+
+
+def test_resume_continues_exactly(tmp_path):
+    train.main(["--out", str(tmp_path / "a"), "--steps", "6", "--save-every", "3", *FAST])
+    train.main(["--out", str(tmp_path / "b"), "--steps", "3", "--save-every", "3", *FAST])   # "killed" at step 3
+    train.main(["--resume", str(tmp_path / "b" / "last.pt"), "--steps", "6"])
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 6 and a == b
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert wa["step"] == wb["step"] == 6
+    assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
+    assert all(torch.equal(wa["state_dict_ema"][k], wb["state_dict_ema"][k]) for k in wa["state_dict"])
+    assert a[-1] != a[0]                                    # it did train
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = pm.training_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(pm, "training_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(tmp_path), "--steps", "10", "--save-every", "2", *FAST])
+    assert e.value.code == 1
+    assert "loss is nan at step 4" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = ["--steps", "4", "--save-every", "4", *FAST]
+    train.main(["--out", str(tmp_path / "one"), *args])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          str(ROOT / "train.py"), "--out", str(tmp_path / "two"), *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "replicas' weights differ by at most 0.0e+00" in run.stdout
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(two) == 4 and np.allclose(one, two, rtol=1e-4, atol=1e-6), (one, two)
+    w1 = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["state_dict"]
+    w2 = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["state_dict"]
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4
+
+
+def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys):
+    data = tmp_path / "photos"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(64, 64), (66, 66), (48, 96), (50, 100), (96, 48), (64, 64)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a photo number {i} of a red circle")
+    (data / "broken.png").write_bytes(b"not a png at all")
+    (data / "broken.txt").write_text("a broken file")
+    t5 = write_t5_dir(tmp_path / "t5")
+    diffusers_vae().save_pretrained(tmp_path / "vae")
+    train.main(["--data", str(data), "--t5", str(t5), "--vae", str(tmp_path / "vae"), "--image-size", "64",
+                "--out", str(tmp_path / "run"), "--steps", "3", "--save-every", "3", *FAST])
+    out = capsys.readouterr().out
+    assert "precomputed 6 images" in out and "skipped 1 unreadable" in out
+    folder = train.FolderData(data / ".pixart_cache")
+    assert set(folder.names) == {"64x64", "44x88", "88x44"}       # 1:1, 1:2 and 2:1 buckets at 64 px
+    for seed in range(5):
+        batch = folder.batch(np.random.default_rng(seed), 4)
+        assert batch["x0"].shape[0] == 4 and batch["mask"].sum(1).min() > 0
+        assert batch["hw"].shape == (4, 2) and batch["ar"].shape == (4, 1)
+    assert len(losses(tmp_path / "run")) == 3
+
+
+def test_the_three_stages_run_end_to_end(tmp_path):
+    common = ["--steps", "2", "--save-every", "2", *FAST]
+    train.main(["--cond", "class", "--out", str(tmp_path / "s1"), *common])                       # class-conditional DiT
+    assert torch.load(tmp_path / "s1" / "last.pt", weights_only=True)["kind"] == "dit"
+    train.main(["--init-dit", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "s2"), *common])  # text
+    train.main(["--init", str(tmp_path / "s2" / "last.pt"), "--image-size", "64", "--out", str(tmp_path / "s3"), *common])
+    m32, m64 = (pm.load_pixart(tmp_path / s / "pixart.safetensors") for s in ("s2", "s3"))
+    assert (m32.config.input_size, m64.config.input_size, m64.config.pe_interpolation) == (32, 64, 2.0)
+    D = m32.config.hidden_size
+    # the 64 px grid's position table spans the same range: every other row and column is the 32 px table
+    assert torch.allclose(m64.pos_embed.reshape(32, 32, D)[::2, ::2], m32.pos_embed.reshape(16, 16, D), atol=1e-6)
