@@ -175,9 +175,11 @@ def main(argv=None):
                         help="load T5, transformer and VAE onto the device one at a time (low GPU memory)")
     parser.add_argument("--latents", action="store_true", help="also save the clean latents as .pt beside each PNG")
     args = parser.parse_args(argv)
-    if not (args.model or args.ckpt):
-        print("No --model or --ckpt given: using tiny components with RANDOM weights. "
-              "The pictures will be noise; this shows the pipeline runs, not what PixArt draws.")
+    if not (args.model or args.ckpt) and (TOY / "pixart.safetensors").is_file():
+        args.model = str(TOY)                                         # the bundled toy model
+    elif not (args.model or args.ckpt):
+        print("No --model or --ckpt given, and no bundled model in checkpoints/toy: using tiny components with "
+              "RANDOM weights. The pictures will be noise; this shows the pipeline runs, not what PixArt draws.")
     prompts = check_args(args, parser.error) or ["a small red circle above a large blue square"]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 

@@ -129,3 +129,17 @@ def test_same_pictures_as_diffusers_pipeline(pipeline_dir, tmp_path, capsys):
                    clean_caption=False, use_resolution_binning=False, output_type="np").images
         ours = np.stack(pixels(paths[2 * j:2 * j + 2])).astype(np.float32) / 255
         assert np.abs(ours - ref).max() <= 1.01 / 255                  # PNG rounding only
+
+
+def test_a_toy_model_folder_samples_in_pixel_space(tmp_path, capsys):
+    # the bundled model's layout: pixart.safetensors, text_encoder/ and tokenizer/, and no vae/ (pixels)
+    import shutil
+
+    from pixart_min import PRESETS, PixArt
+    folder = tmp_path / "toy"
+    shutil.copytree(sample.TOY / "text_encoder", folder / "text_encoder")
+    shutil.copytree(sample.TOY / "tokenizer", folder / "tokenizer")
+    save_pixart(PixArt(PRESETS["toy"]), folder / "pixart.safetensors")
+    paths = run(capsys, "a large red circle", "--model", folder, "--out", tmp_path / "out", "--latents")
+    assert len(paths) == 1 and Image.open(paths[0]).size == (32, 32)
+    assert torch.load(paths[0].with_suffix(".pt")).shape == (3, 32, 32)     # the latents are the pixels
