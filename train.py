@@ -318,7 +318,7 @@ def parse_args(argv=None):
     p.add_argument("--cond", choices=["text", "class"], default="text", help="class: stage 1's class-conditional DiT")
     p.add_argument("--captions", choices=["dense", "sparse"], default="dense", help="shapes world: caption style")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--preset", default="toy", help=f"model size: one of {list(pm.PRESETS)}")
+    p.add_argument("--preset", default="toy", choices=list(pm.PRESETS), help="model size")
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
     p.add_argument("--init-dit", help="start from a class-conditional DiT, re-parameterised at t=500 (§2.3)")
     p.add_argument("--resume", help="continue this checkpoint's run exactly")
@@ -338,7 +338,14 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("resume", "init_dit", "data"):            # local paths; --init may also be a hub id
+        path = getattr(args, name)
+        if path and path != "shapes" and not Path(path).exists():
+            p.error(f"--{name.replace('_', '-')}: no such file or folder: {path}")
+    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        p.error("--steps, --batch-size and --lr must be positive")
+    return args
 
 
 def main(argv=None):

@@ -143,3 +143,13 @@ def test_the_three_stages_run_end_to_end(tmp_path):
     D = m32.config.hidden_size
     # the 64 px grid's position table spans the same range: every other row and column is the 32 px table
     assert torch.allclose(m64.pos_embed.reshape(32, 32, D)[::2, ::2], m32.pos_embed.reshape(16, 16, D), atol=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [(["--resume", "missing.pt"], "--resume: no such file"),
+                                           (["--data", "/no/such/folder"], "--data: no such file"),
+                                           (["--preset", "huge"], "invalid choice"),
+                                           (["--steps", "0"], "must be positive")])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
