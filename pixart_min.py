@@ -253,7 +253,7 @@ class PixArt(nn.Module):
 
 # ==================== Diffusion: schedule, loss, samplers ======================
 
-T = 1000                                                   # training steps, linear betas 1e-4 .. 0.02 (§ appendix)
+T = 1000                                                   # training steps, linear betas 1e-4 .. 0.02 (paper appendix)
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
 ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, dim=0)           # alpha-bar_t: the share of signal left at step t
 
