@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import pixart_min as pm
 import shapes
 
-TOY_TEXT = Path(__file__).parent / "checkpoints" / "toy"   # the toy world's tokenizer and frozen T5 live here
+from sample import TOY as TOY_TEXT  # checkpoints/toy: the toy world's tokenizer and frozen T5 live here
 
 
 # ==================== Stage 1: a class-conditional DiT (Peebles & Xie), official key names ====================
