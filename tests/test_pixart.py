@@ -102,6 +102,25 @@ def test_tiny_transformer_matches_diffusers(case, tmp_path):
             assert max_err(model(x, t, y, mask, hw, ar * 2), ours) > 1e-3
 
 
+@pytest.mark.parametrize("case", ["plain", "micro-interp2"])
+def test_to_diffusers_writes_what_diffusers_loads(case, tmp_path):
+    """to_diffusers and diffusers_config run from_diffusers and config_from_diffusers backwards: diffusers
+    builds its model from our config and loads our weights strictly, and computes what we compute."""
+    from diffusers import PixArtTransformer2DModel
+
+    ref = diffusers_pixart(seed=2, **TINY_CASES[case][0])
+    ref.save_pretrained(tmp_path / "transformer")
+    model = load_pixart(tmp_path / "transformer")
+    theirs = PixArtTransformer2DModel(**pixart_min.diffusers_config(model.config)).eval()
+    theirs.load_state_dict(pixart_min.to_diffusers(model.state_dict()), strict=True)
+    assert pixart_min.config_from_diffusers(dict(theirs.config)) == pixart_min.config_from_diffusers(dict(ref.config))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(theirs.state_dict()[k], v), k
+    x, t, y, mask, hw, ar = inputs(B=2, H=8, W=8, L=7, caption_channels=32, seed=3)
+    hw, ar = (hw, ar) if model.config.micro_condition else (None, None)
+    assert max_err(reference(theirs, x, t, y, mask, hw, ar), reference(ref, x, t, y, mask, hw, ar)) == 0
+
+
 @contextlib.contextmanager
 def no_random_init():
     """Skip torch's and our random initialisation while building 0.6B models. Every weight is overwritten

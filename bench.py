@@ -1,0 +1,246 @@
+"""Speed and memory of pixart-min against diffusers, on identical random weights and inputs, in one process.
+
+    python bench.py                      # CPU: the toy model and PixArt-XL-2 at 256 px (about 10 minutes)
+    python bench.py --sizes toy          # a quick look
+    python bench.py --device cuda        # GPU, bf16: 256, 512 and 1024 px, with TFLOP/s and share of peak
+
+Three jobs per size: (a) one transformer forward on a guided batch of 2, (b) the whole 20-step DPM-Solver++
+loop with guidance (diffusers: PixArtAlphaPipeline on prompt embeddings, returning latents), (c) one training
+step (the hybrid loss, backward, AdamW). Times are medians over --repeats after a warm-up; "ratio" is
+ours / diffusers, so below 1 means we are faster. Peak memory is the most the job added on top of what was
+held before it: resident memory on the CPU (Linux's VmHWM, reset before each job), allocated memory on a GPU.
+Needs diffusers (requirements-test.txt); pixart-min itself never imports it.
+"""
+import argparse
+import gc
+import json
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+import pixart_min as pm
+
+# bf16 dense peaks in TFLOP/s, from the vendors' data sheets (without sparsity)
+PEAK_BF16 = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165}
+
+SIZES = {  # name -> (config, latent side, caption tokens)
+    "toy": (pm.PRESETS["toy"], 32, 24),
+    "XL-256": (pm.PRESETS["PixArt-XL-2-256"], 32, 120),
+    "XL-512": (pm.PRESETS["PixArt-XL-2-512"], 64, 120),
+    "XL-1024": (pm.PRESETS["PixArt-XL-2-1024-MS"], 128, 120),
+}
+
+
+def forward_flops(c, h, w, text_len):
+    """FLOPs of one transformer forward for one latent of h x w and text_len caption tokens (2 per multiply-add).
+    Per block, with N = h*w/p^2 image tokens, D the width and L the caption length:
+      self-attention  4 N D^2 (q, k, v, out) + 2 N^2 D (scores, weighted sum)
+      cross-attention 2 N D^2 (q, out) + 2 L D^2 (k, v) + 2 N L D
+      MLP             2 r N D^2 (r = mlp_ratio, 4)
+    plus the patch embedding, the caption projection, the final linear and the timestep MLPs outside the blocks.
+    Attention over padded caption tokens is counted: the kernels compute it and mask it afterwards."""
+    p, D, r = c.patch_size, c.hidden_size, c.mlp_ratio
+    N, L = (h // p) * (w // p), text_len
+    block = 4 * N * D * D + 2 * N * N * D + 2 * N * D * D + 2 * L * D * D + 2 * N * L * D + 2 * r * N * D * D
+    c_out = 2 * c.in_channels if c.learn_sigma else c.in_channels
+    outside = (N * p * p * c.in_channels * D                        # patch embedding
+               + L * (c.caption_channels * D + D * D)              # caption projection (2 linears)
+               + N * D * p * p * c_out                             # final linear
+               + 256 * D + D * D + D * 6 * D)                      # timestep MLP and adaLN-single's t_block
+    return 2 * (c.depth * block + outside)
+
+
+def twins(config, seed=0):
+    """(ours, theirs): our PixArt and diffusers' PixArtTransformer2DModel holding the same random weights."""
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    theirs = PixArtTransformer2DModel(**pm.diffusers_config(config))
+    with torch.no_grad():
+        for p in theirs.parameters():                 # random everywhere: zero-initialised layers hide mistakes
+            p.normal_(0, 0.02)
+    ours = pm.PixArt(replace(config, class_dropout_prob=0.0))   # diffusers' model has no caption dropout
+    sd = pm.from_diffusers(theirs.state_dict())
+    sd["pos_embed"], sd["y_embedder.y_embedding"] = ours.pos_embed, ours.y_embedder.y_embedding
+    pm.load_strict(ours, sd, "diffusers' random weights")
+    return ours.eval(), theirs.eval()
+
+
+def diffusers_call(theirs):
+    """diffusers' transformer behind our forward's signature."""
+    def call(x, t, y, mask=None, hw=None, ar=None):
+        extra = dict(resolution=hw, aspect_ratio=ar) if theirs.config.use_additional_conditions else {}
+        return theirs(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,
+                      added_cond_kwargs=extra).sample
+    return call
+
+
+def inputs(config, side, text_len, batch, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, side, side, generator=g)
+    y = torch.randn(batch, text_len, config.caption_channels, generator=g)
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    mask[:, text_len // 2:] = 0                                     # half the caption is padding, as usual
+    t = torch.randint(0, pm.T, (batch,), generator=g)
+    hw = torch.tensor([[side * 8.0, side * 8.0]]).repeat(batch, 1)
+    ar = torch.ones(batch, 1)
+    to = lambda v, float_=True: v.to(device, dtype) if float_ else v.to(device)
+    return dict(x=to(x), y=to(y), mask=to(mask, False), t=to(t, False), hw=to(hw), ar=to(ar))
+
+
+class Peak:
+    """The most memory the timed calls add on top of what was held before them (the weights, and for training
+    the optimiser state made in the warm-up), in bytes."""
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:          # Linux: reset VmHWM (the peak) to now
+                f.write("5")
+            self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.bytes = self._status("VmHWM") - self.start
+
+    @staticmethod
+    def _status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def median_time(fn, repeats, device, warmup=None):
+    """(median wall time of fn() over repeats, peak memory over those calls), after one call of warmup
+    (default fn itself), which pays for one-time costs: allocations, kernel choice, caches."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    (warmup or fn)()
+    sync()
+    times = []
+    with Peak(device) as peak:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), peak.bytes
+
+
+def jobs(ours, theirs, config, side, text_len, device, dtype, steps):
+    """name -> (our job, diffusers' job, FLOPs of one job). A job is a function of no arguments, except that
+    the loops take a number of steps (their warm-up is two steps) and the training steps are built first
+    (each builds its own optimiser)."""
+    from diffusers import PixArtAlphaPipeline
+    from tests.conftest import pixart_scheduler
+    g = inputs(config, side, text_len, 2, device, dtype)           # a guided batch: null caption + caption
+    one = {k: v[:1] for k, v in g.items()}
+    micro = dict(hw=g["hw"], ar=g["ar"]) if config.micro_condition else {}
+    micro1 = dict(hw=one["hw"], ar=one["ar"]) if config.micro_condition else {}
+    fwd = forward_flops(config, side, side, text_len)
+
+    def forward(model):
+        return lambda: model(g["x"], g["t"], g["y"], g["mask"], **micro)
+
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=theirs,
+                               scheduler=pixart_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    noise = one["x"]
+
+    def our_loop(n=steps):
+        return pm.sample(ours, noise, one["y"], one["mask"], null_y=g["y"][1:], null_mask=g["mask"][1:],
+                         steps=n, **micro1)
+
+    def their_loop(n=steps):
+        return pipe(negative_prompt=None, prompt_embeds=one["y"], prompt_attention_mask=one["mask"], negative_prompt_embeds=g["y"][1:],
+                    negative_prompt_attention_mask=g["mask"][1:], latents=noise, num_inference_steps=n,
+                    height=side * 8, width=side * 8, use_resolution_binning=False, output_type="latent",
+                    guidance_scale=4.5).images
+
+    def train_step(model, call):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.03, eps=1e-10)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+        def step():
+            with autocast:
+                loss = pm.training_loss(call, g["x"].float(), g["y"], g["mask"], t=g["t"], **micro)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    return {"forward": (forward(ours), forward(diffusers_call(theirs)), 2 * fwd),
+            f"{steps}-step loop": (our_loop, their_loop, steps * 2 * fwd),
+            "train step": (lambda: train_step(ours, ours), lambda: train_step(theirs, diffusers_call(theirs)), 3 * 2 * fwd)}
+
+
+def peak_tflops(device):
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16, key=len, reverse=True):           # "H100 PCIe" before "H100"
+        if key in name:
+            return PEAK_BF16[key]
+    return None
+
+
+def run(size, device, repeats, steps, results):
+    config, side, text_len = SIZES[size]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    ours, theirs = twins(config)
+    peak = peak_tflops(device) if device.startswith("cuda") else None
+    for name, (mine, other, flops) in jobs(ours, theirs, config, side, text_len, device, dtype, steps).items():
+        row = dict(size=size, job=name, device=device)
+        for who, job, model in (("ours", mine, ours), ("diffusers", other, theirs)):
+            training = name == "train step"
+            model.to(device, torch.float32 if training else dtype).train(training).requires_grad_(training)
+            with torch.set_grad_enabled(training):
+                fn = job() if training else job
+                warmup = (lambda: fn(2)) if "loop" in name else None
+                seconds, memory = median_time(fn, repeats, device, warmup)
+            model.to("cpu").eval().requires_grad_(False)
+            fn = None
+            gc.collect()
+            row[who] = dict(seconds=seconds, peak_mib=memory / 2 ** 20, tflops=flops / seconds / 1e12)
+        row["ratio"] = row["ours"]["seconds"] / row["diffusers"]["seconds"]
+        row["memory_ratio"] = row["ours"]["peak_mib"] / max(row["diffusers"]["peak_mib"], 1e-9)
+        line = (f"{size:8s} {name:14s} ours {row['ours']['seconds'] * 1e3:9.1f} ms  diffusers "
+                f"{row['diffusers']['seconds'] * 1e3:9.1f} ms  ratio {row['ratio']:.2f}   peak MiB ours "
+                f"{row['ours']['peak_mib']:7.0f} diffusers {row['diffusers']['peak_mib']:7.0f}")
+        if peak:
+            line += f"   ours {row['ours']['tflops']:.0f} TFLOP/s = {100 * row['ours']['tflops'] / peak:.0f}% of bf16 peak"
+        print(line, flush=True)
+        results.append(row)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="default: toy XL-256 on the CPU, XL-256/512/1024 on a GPU")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="sampling steps of the loop")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("bench.py: --device cuda, but torch sees no GPU")
+    sizes = args.sizes or (["XL-256", "XL-512", "XL-1024"] if gpu else ["toy", "XL-256"])
+    where = torch.cuda.get_device_name(args.device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; medians of {args.repeats}; ratio = ours / diffusers", flush=True)
+    results = []
+    for size in sizes:
+        run(size, args.device, args.repeats, args.steps, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=where, torch=torch.__version__, results=results), f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
