@@ -334,10 +334,11 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         y2, m2 = y2[:, :keep], m2[:, :keep]
     hw2, ar2 = (None, None) if hw is None else (torch.cat([hw, hw]), torch.cat([ar, ar]))
     ts, abar = timesteps(int(steps)), ALPHAS_CUMPROD
+    ts_device = ts.to(noise.device)          # copied once: a copy from the CPU inside the loop would wait for the GPU
     x, x0_prev = noise.float(), None
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
         t = ts[i]
-        out = model(torch.cat([x, x]).to(dtype), t.repeat(2 * B).to(x.device), y2, m2, hw2, ar2).float()
+        out = model(torch.cat([x, x]).to(dtype), ts_device[i].repeat(2 * B), y2, m2, hw2, ar2).float()
         eps_u, eps_c = out[:, :C].chunk(2)                               # (B, C, H, W) each
         eps = eps_u + cfg_scale * (eps_c - eps_u)                        # classifier-free guidance on eps
         a_t = abar[t].item()
