@@ -163,7 +163,8 @@ class FinalLayer(nn.Module):
 # ==================== PixArt model ============================================
 
 class CaptionEmbedder(nn.Module):
-    """T5 features -> hidden size. Holds the null caption used for dropout and guidance."""
+    """T5 features -> hidden size. Holds the null caption used for dropout and guidance: random and fixed (a
+    buffer in the official code, so the optimiser never sees it); the model learns to answer it."""
     def __init__(self, caption_channels, hidden_size, num_tokens):
         super().__init__()
         self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
@@ -324,7 +325,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
             raise ValueError("this model's weights carry no null caption (diffusers format): pass null_y and "
                              "null_mask, the features of the negative prompt ('' by default)")
         null_y = model.y_embedder.y_embedding[None, :y.shape[1]].expand_as(y)   # the official guidance: the
-        null_mask = mask                                                      # learned null caption, prompt's mask
+        null_mask = mask                                                      # null caption, prompt's mask
     if (null_mask is None) != (mask is None):
         raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens are real")
     B, C, dtype = len(noise), model.config.in_channels, next(model.parameters()).dtype

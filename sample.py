@@ -1,6 +1,6 @@
 """Text -> PNG with PixArt-alpha: T5 encodes the prompts, the transformer denoises latents, the VAE decodes them.
 
-    python sample.py "a small red circle above a blue square"                 # no weights yet: random, see below
+    python sample.py "a small red circle above a large blue square"           # the bundled toy model (32 px)
     python sample.py "an astronaut riding a horse" --model PixArt-alpha/PixArt-XL-2-1024-MS --dtype bf16
     python sample.py -h                                                        # every option
 
@@ -11,7 +11,6 @@ import gc
 import math
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixart_min import PRESETS, PixArt, T5TextEncoder, load_pixart, local_folder, sample
+from pixart_min import T5TextEncoder, load_pixart, local_folder, sample
 from vae import AutoencoderKL, Pixels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,30 +63,6 @@ def resize_and_crop(images, h, w):
     return images[:, :, top:top + h, left:left + w]                   # (B, 3, h, w)
 
 
-def random_components(device, dtype):
-    """No model given: a tiny T5 (with a sentencepiece vocabulary trained on the spot), PixArt and VAE, all with
-    random seeded weights, so that every step below runs. A stand-in until the bundled toy model exists."""
-    import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel
-    words = "a an the small large red green blue yellow circle square triangle star above below left right of"
-    with torch.random.fork_rng(), tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(words.split()), model_prefix=f"{tmp}/spiece",
-                                       vocab_size=64, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2,
-                                       bos_id=-1, num_threads=1, minloglevel=2)   # T5's ids: pad 0, </s> 1
-        config = PRESETS["tiny"]
-        vocab = spm.SentencePieceProcessor(model_file=f"{tmp}/spiece.model").get_piece_size()
-        T5EncoderModel(T5Config(vocab_size=vocab, d_model=config.caption_channels, d_kv=8, d_ff=64, num_layers=2,
-                                num_heads=4, feed_forward_proj="gated-gelu")).save_pretrained(tmp)
-        text = T5TextEncoder(tmp, device, dtype, max_length=config.model_max_length)
-        model = PixArt(config)
-        for p in model.parameters():                                  # un-zero the zero-initialised outputs,
-            if not p.any():                                           # or the prompt would change nothing
-                torch.nn.init.normal_(p, std=0.02)
-        vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
-    return lambda: text, model.eval(), vae.eval()
-
-
 def load_components(args, dtype):
     """(a function that loads the text encoder, the transformer, the VAE), the last two on the CPU for now."""
     if args.model:
@@ -97,7 +72,8 @@ def load_components(args, dtype):
     if args.ckpt:
         return lambda: T5TextEncoder(args.t5, args.device, dtype), load_pixart(args.ckpt, dtype=dtype), \
             AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
-    return random_components(args.device, dtype)
+    raise FileNotFoundError(f"no --model or --ckpt given, and no bundled model in {TOY}: restore it with git, "
+                            "or train one with train.py")
 
 
 def free(device):
@@ -174,12 +150,11 @@ def main(argv=None):
     parser.add_argument("--offload", action="store_true",
                         help="load T5, transformer and VAE onto the device one at a time (low GPU memory)")
     parser.add_argument("--latents", action="store_true", help="also save the clean latents as .pt beside each PNG")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer: a slow first step, faster ones after (worth it on GPUs)")
     args = parser.parse_args(argv)
     if not (args.model or args.ckpt) and (TOY / "pixart.safetensors").is_file():
         args.model = str(TOY)                                         # the bundled toy model
-    elif not (args.model or args.ckpt):
-        print("No --model or --ckpt given, and no bundled model in checkpoints/toy: using tiny components with "
-              "RANDOM weights. The pictures will be noise; this shows the pipeline runs, not what PixArt draws.")
     prompts = check_args(args, parser.error) or ["a small red circle above a large blue square"]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
@@ -200,7 +175,7 @@ def main(argv=None):
     if (h, w) != (H, W):
         print(f"sampling at the aspect-ratio bucket {h}x{w}, then resizing and cropping to {H}x{W}", file=sys.stderr)
 
-    # 1. Text: T5 features of the prompts, and of the null caption unless the model has learned its own.
+    # 1. Text: T5 features of the prompts, and of the null caption unless the model carries its own.
     try:
         text = load_text()
     except (OSError, ValueError) as e:
@@ -217,6 +192,8 @@ def main(argv=None):
 
     # 2. Denoise: image k of every prompt starts from the same noise, drawn on the CPU from seed + k.
     model.to(device)
+    if args.compile:
+        model.compile()                                               # in place: model.config etc. stay as they are
     n = args.n
     noise = torch.stack([torch.randn(c.in_channels, h // f, w // f, generator=torch.Generator().manual_seed(seed))
                          for seed in range(args.seed, args.seed + n)]).to(device)   # (n, C, h/f, w/f)

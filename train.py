@@ -7,6 +7,7 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --init-dit runs/stage1/last.pt --out runs/stage2    # re-parameterise, then dense captions
   python train.py --init runs/stage2/last.pt --image-size 64 --out runs/stage3   # stage 3: higher resolution
   python train.py --resume runs/stage2/last.pt             # continue a killed run, step for step
+  python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
   python train.py --data my_images/ --t5 T5_FOLDER --vae VAE_FOLDER  # real data: features computed once
   torchrun --nproc_per_node 8 train.py ...                 # DDP across GPUs (gloo on CPUs)
 """
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import pixart_min as pm
@@ -269,7 +271,9 @@ def evaluate(model, data, args, n_per_group, device, grid_path=None):
                                   steps=args.eval_steps, cfg_scale=args.cfg).clamp(-1, 1).cpu()
                         for i in range(0, len(specs), 64)])
     if grid_path:
-        save_grid(images[::max(1, len(images) // 32)][:32], grid_path)
+        pick = slice(None, None, max(1, len(images) // 32))
+        captions = [shapes.dense_caption(s) for s in specs[pick]] if args.cond == "text" else None
+        save_grid(images[pick][:32], grid_path, captions=captions)
     if args.cond == "class":
         return {}
     records = shapes.evaluate_each(images, specs)
@@ -279,15 +283,19 @@ def evaluate(model, data, args, n_per_group, device, grid_path=None):
             for h in (False, True) for k in (1, 2)}
 
 
-def save_grid(images, path, cols=8, scale=4):
-    """A PNG of images in [-1, 1], upscaled so the small toy pictures can be seen."""
+def save_grid(images, path, cols=8, scale=4, captions=None):
+    """A PNG of images in [-1, 1], upscaled so the small toy pictures can be seen; each with its caption below."""
     n, _, h, w = images.shape
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(3, rows * h, cols * w)
-    for i, img in enumerate(images):
-        grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(pixels).resize((cols * w * scale, rows * h * scale), Image.NEAREST).save(path)
+    rows, text_h, gap = math.ceil(n / cols), 40 if captions else 0, 4
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    grid = Image.new("RGB", (cols * (w * scale + gap), rows * (h * scale + text_h + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = (i % cols) * (w * scale + gap), (i // cols) * (h * scale + text_h + gap)
+        grid.paste(Image.fromarray(pixels[i]).resize((w * scale, h * scale), Image.NEAREST), (x, y))
+        if captions:
+            draw.multiline_text((x + 2, y + h * scale + 1), textwrap.fill(captions[i][:80], w * scale // 6), fill="black")
+    grid.save(path)
 
 
 # ==================== Checkpoints: everything needed to continue, written atomically ====================
@@ -322,6 +330,7 @@ def parse_args(argv=None):
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
     p.add_argument("--init-dit", help="start from a class-conditional DiT, re-parameterised at t=500 (§2.3)")
     p.add_argument("--resume", help="continue this checkpoint's run exactly")
+    p.add_argument("--score", help="no training: score this model (folder or .safetensors) on --eval-n prompts a group")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -339,7 +348,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("resume", "init_dit", "data"):            # local paths; --init may also be a hub id
+    for name in ("resume", "init_dit", "data", "score"):            # local paths; --init may also be a hub id
         path = getattr(args, name)
         if path and path != "shapes" and not Path(path).exists():
             p.error(f"--{name.replace('_', '-')}: no such file or folder: {path}")
@@ -390,6 +399,15 @@ def main(argv=None):
             if ddp:
                 dist.barrier()
         data = FolderData(cache)
+
+    if args.score:                                         # no training: score a finished model and stop
+        out.mkdir(parents=True, exist_ok=True)
+        scores = evaluate(pm.load_pixart(args.score, device), data, args, args.eval_n, device, out / "score_samples.png")
+        (out / "score.json").write_text(json.dumps(dict(model=str(args.score), prompts_per_group=args.eval_n,
+                                                        cfg=args.cfg, steps=args.eval_steps, **scores), indent=1))
+        for group, s in scores.items():
+            log(f"{group:10s} " + "  ".join(f"{k} {v:.1%}" for k, v in s.items() if v == v))   # v == v: not NaN
+        return scores
 
     # 2. The model: from scratch, fine-tuned, re-parameterised from a DiT, or resumed.
     torch.manual_seed(args.seed)                           # the same start for the same seed

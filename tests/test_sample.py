@@ -1,5 +1,5 @@
 # sample.py end to end, in-process, on the tiny pipelines of conftest.py: sizes, counts, seeds, binning, the
-# --ckpt and --offload paths, the random default, and bad input (exit code 2 with a message naming the problem).
+# --ckpt and --offload paths, the bundled default, and bad input (exit code 2 with a message naming the problem).
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +81,12 @@ def test_offload_changes_nothing(pipeline_dir, tmp_path, capsys):
     assert all(np.array_equal(a, b) for a, b in zip(pixels(plain), pixels(offloaded)))
 
 
-def test_default_is_random_and_says_so(tmp_path, capsys):
-    (tmp_path / "prompts.txt").write_text("a red circle\n\n   \na blue square\n")
-    sample.main(["--prompts-file", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "out")] + FAST)
-    lines = capsys.readouterr().out.splitlines()
-    assert "RANDOM weights" in lines[0] and "noise" in lines[0]
-    paths = [Path(line) for line in lines[1:]]
-    assert len(paths) == 2 and all(Image.open(p).size == (64, 64) for p in paths)
+def test_default_is_the_bundled_toy_model(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a large red circle\n\n   \na small blue square\n")
+    paths = run(capsys, "--prompts-file", tmp_path / "prompts.txt", "--out", tmp_path / "out")
+    assert len(paths) == 2 and all(Image.open(p).size == (32, 32) for p in paths)
+    again = run(capsys, "a large red circle", "--out", tmp_path / "again")
+    assert again[0].read_bytes() == paths[0].read_bytes()                 # seed 0 both times: the same picture
 
 
 def test_empty_prompt_warns(pipeline_dir, tmp_path, capsys):
