@@ -52,11 +52,41 @@ def forward_flops(c, h, w, text_len):
     return 2 * (c.depth * block + outside)
 
 
+def to_diffusers(sd):
+    """The official keys -> diffusers' (pixart_min.from_diffusers backwards). pos_embed and y_embedding are left out:
+    diffusers recomputes the one and does not keep the other."""
+    out = {}
+    for k, v in sd.items():
+        if k in ("pos_embed", "y_embedder.y_embedding"):
+            continue
+        for fused, attn, names in ((".attn.qkv.", "attn1", "qkv"), (".cross_attn.kv_linear.", "attn2", "kv")):
+            if fused in k:                                           # split the fused projections
+                a, b = k.replace("blocks.", "transformer_blocks.").split(fused)
+                out.update({f"{a}.{attn}.to_{n}.{b}": part for n, part in zip(names, v.chunk(len(names)))})
+                break
+        else:
+            k = "scale_shift_table" if k == "final_layer.scale_shift_table" else k
+            for theirs, ours in pm.DIFFUSERS_NAMES:
+                k = k.replace(ours, theirs)
+            out[k] = v
+    return out
+
+
+def diffusers_config(c):
+    """PixArtTransformer2DModel's config.json for a PixArtConfig (pixart_min.config_from_diffusers backwards)."""
+    return dict(sample_size=c.input_size, patch_size=c.patch_size, in_channels=c.in_channels,
+                out_channels=2 * c.in_channels if c.learn_sigma else c.in_channels, num_layers=c.depth,
+                num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads,
+                cross_attention_dim=c.hidden_size, caption_channels=c.caption_channels, norm_type="ada_norm_single",
+                num_embeds_ada_norm=1000, use_additional_conditions=c.micro_condition,
+                interpolation_scale=c.pe_interpolation)
+
+
 def twins(config, seed=0):
     """(ours, theirs): our PixArt and diffusers' PixArtTransformer2DModel holding the same random weights."""
     from diffusers import PixArtTransformer2DModel
     torch.manual_seed(seed)
-    theirs = PixArtTransformer2DModel(**pm.diffusers_config(config))
+    theirs = PixArtTransformer2DModel(**diffusers_config(config))
     with torch.no_grad():
         for p in theirs.parameters():                 # random everywhere: zero-initialised layers hide mistakes
             p.normal_(0, 0.02)
@@ -89,6 +119,16 @@ def inputs(config, side, text_len, batch, device, dtype, seed=0):
     return dict(x=to(x), y=to(y), mask=to(mask, False), t=to(t, False), hw=to(hw), ar=to(ar))
 
 
+def resident_bytes(field="VmRSS"):
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from Linux's /proc/self/status;
+    NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except OSError:
+        return float("nan")
+
+
 class Peak:
     """The most memory the timed calls add on top of what was held before them (the weights, and for training
     the optimiser state made in the warm-up), in bytes."""
@@ -102,9 +142,12 @@ class Peak:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as f:          # Linux: reset VmHWM (the peak) to now
-                f.write("5")
-            self.start = self._status("VmRSS")
+            try:
+                with open("/proc/self/clear_refs", "w") as f:      # Linux: reset VmHWM (the peak) to now
+                    f.write("5")
+            except OSError:                                         # elsewhere the peak reads NaN
+                pass
+            self.start = resident_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -112,12 +155,8 @@ class Peak:
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self.start
         else:
-            self.bytes = self._status("VmHWM") - self.start
+            self.bytes = resident_bytes("VmHWM") - self.start
 
-    @staticmethod
-    def _status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def median_time(fn, repeats, device, warmup=None):
@@ -227,6 +266,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the loop")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.steps < 2:
+        p.error("--repeats must be at least 1 and --steps at least 2 (diffusers' pipeline treats 1 step apart)")
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda, but torch sees no GPU")

@@ -163,8 +163,7 @@ class FinalLayer(nn.Module):
 # ==================== PixArt model ============================================
 
 class CaptionEmbedder(nn.Module):
-    """T5 features -> hidden size. Holds the null caption used for dropout and guidance: random and fixed (a
-    buffer in the official code, so the optimiser never sees it); the model learns to answer it."""
+    """T5 features -> hidden size; holds the null caption, a fixed random buffer as in the official code."""
     def __init__(self, caption_channels, hidden_size, num_tokens):
         super().__init__()
         self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
@@ -399,7 +398,7 @@ class T5TextEncoder:
     """Prompts -> (features (B, L, C), mask (B, L)) with transformers' T5EncoderModel, frozen (§2.4)."""
     def __init__(self, path, device="cpu", dtype=torch.float32, max_length=120, load_in_8bit=False):
         import sentencepiece
-        from transformers import BitsAndBytesConfig, T5EncoderModel
+        from transformers import T5EncoderModel
         root = local_folder(path, ["text_encoder/*", "tokenizer/*", "spiece.model", "config.json", "model*"])
         spm = next((f for f in (root / "tokenizer" / "spiece.model", root / "spiece.model") if f.exists()), None)
         if spm is None:
@@ -407,6 +406,10 @@ class T5TextEncoder:
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(spm))
         folder = root / "text_encoder" if (root / "text_encoder").is_dir() else root
         if load_in_8bit:                    # bitsandbytes on a GPU: linear layers in 8 bits, placed by transformers
+            if not str(device).startswith("cuda"):
+                raise ValueError(f"load_in_8bit needs a CUDA device (and the bitsandbytes and accelerate packages), "
+                                 f"got device {device!r}")
+            from transformers import BitsAndBytesConfig
             model = T5EncoderModel.from_pretrained(folder, dtype=dtype, device_map=device,
                                                    quantization_config=BitsAndBytesConfig(load_in_8bit=True))
         else:
@@ -449,36 +452,6 @@ def from_diffusers(sd):
         out[f"{a}.attn.qkv.{b}"] = torch.cat([out.pop(f"{a}.attn1.to_{n}.{b}") for n in "qkv"])
         out[f"{a}.cross_attn.kv_linear.{b}"] = torch.cat([out.pop(f"{a}.attn2.to_{n}.{b}") for n in "kv"])
     return out
-
-
-def to_diffusers(sd):
-    """The official keys -> diffusers' (from_diffusers backwards). pos_embed and y_embedding are left out:
-    diffusers recomputes the one and does not keep the other."""
-    out = {}
-    for k, v in sd.items():
-        if k in ("pos_embed", "y_embedder.y_embedding"):
-            continue
-        for fused, attn, names in ((".attn.qkv.", "attn1", "qkv"), (".cross_attn.kv_linear.", "attn2", "kv")):
-            if fused in k:                                           # split the fused projections
-                a, b = k.replace("blocks.", "transformer_blocks.").split(fused)
-                out.update({f"{a}.{attn}.to_{n}.{b}": part for n, part in zip(names, v.chunk(len(names)))})
-                break
-        else:
-            k = "scale_shift_table" if k == "final_layer.scale_shift_table" else k
-            for theirs, ours in DIFFUSERS_NAMES:
-                k = k.replace(ours, theirs)
-            out[k] = v
-    return out
-
-
-def diffusers_config(c):
-    """PixArtTransformer2DModel's config.json for a PixArtConfig (config_from_diffusers backwards)."""
-    return dict(sample_size=c.input_size, patch_size=c.patch_size, in_channels=c.in_channels,
-                out_channels=2 * c.in_channels if c.learn_sigma else c.in_channels, num_layers=c.depth,
-                num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads,
-                cross_attention_dim=c.hidden_size, caption_channels=c.caption_channels, norm_type="ada_norm_single",
-                num_embeds_ada_norm=1000, use_additional_conditions=c.micro_condition,
-                interpolation_scale=c.pe_interpolation)
 
 
 def config_from_diffusers(cfg):

@@ -402,7 +402,11 @@ def main(argv=None):
 
     if args.score:                                         # no training: score a finished model and stop
         out.mkdir(parents=True, exist_ok=True)
-        scores = evaluate(pm.load_pixart(args.score, device), data, args, args.eval_n, device, out / "score_samples.png")
+        try:
+            model = pm.load_pixart(args.score, device)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"train.py: --score: {e}") from None
+        scores = evaluate(model, data, args, args.eval_n, device, out / "score_samples.png")
         (out / "score.json").write_text(json.dumps(dict(model=str(args.score), prompts_per_group=args.eval_n,
                                                         cfg=args.cfg, steps=args.eval_steps, **scores), indent=1))
         for group, s in scores.items():

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+import bench
 import pixart_min
 from conftest import diffusers_pixart, pixart_scheduler, randomize_, report
 from pixart_min import PRESETS, PixArt, PixArtConfig, load_pixart, sample, save_pixart, training_loss
@@ -104,15 +105,15 @@ def test_tiny_transformer_matches_diffusers(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["plain", "micro-interp2"])
 def test_to_diffusers_writes_what_diffusers_loads(case, tmp_path):
-    """to_diffusers and diffusers_config run from_diffusers and config_from_diffusers backwards: diffusers
+    """bench.to_diffusers and bench.diffusers_config run from_diffusers and config_from_diffusers backwards: diffusers
     builds its model from our config and loads our weights strictly, and computes what we compute."""
     from diffusers import PixArtTransformer2DModel
 
     ref = diffusers_pixart(seed=2, **TINY_CASES[case][0])
     ref.save_pretrained(tmp_path / "transformer")
     model = load_pixart(tmp_path / "transformer")
-    theirs = PixArtTransformer2DModel(**pixart_min.diffusers_config(model.config)).eval()
-    theirs.load_state_dict(pixart_min.to_diffusers(model.state_dict()), strict=True)
+    theirs = PixArtTransformer2DModel(**bench.diffusers_config(model.config)).eval()
+    theirs.load_state_dict(bench.to_diffusers(model.state_dict()), strict=True)
     assert pixart_min.config_from_diffusers(dict(theirs.config)) == pixart_min.config_from_diffusers(dict(ref.config))
     for k, v in ref.state_dict().items():
         assert torch.equal(theirs.state_dict()[k], v), k
