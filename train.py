@@ -298,6 +298,25 @@ def save_grid(images, path, cols=8, scale=4, captions=None):
     grid.save(path)
 
 
+# ==================== The schedule of one run: learning rate and timesteps ====================
+
+def learning_rate(step, args):
+    """Linear warm-up to --lr; then constant (the paper), or a half cosine down to 0 at --steps."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.lr_decay == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    return lr
+
+
+def draw_timesteps(n, generator, how="uniform"):
+    """(n,) training timesteps. uniform over 0..T-1 is the paper's. logit-normal (t/T the sigmoid of a standard
+    normal, as in Stable Diffusion 3) spends two thirds of the steps between t=270 and t=730, where a picture's
+    layout is decided, and few at the two ends, where the task is nearly trivial."""
+    if how == "uniform":
+        return torch.randint(0, pm.T, (n,), generator=generator)
+    return (torch.sigmoid(torch.randn(n, generator=generator)) * pm.T).long()
+
+
 # ==================== Checkpoints: everything needed to continue, written atomically ====================
 
 def save_checkpoint(path, model, ema, opt, step, args, good=True):
@@ -335,6 +354,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
+                   help="cosine: after warm-up, lower the lr along a half cosine to 0 at --steps (a resumed run given a "
+                        "longer --steps stretches it)")
+    p.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform",
+                   help="how training draws t: uniform (the paper), or logit-normal, most often near t=500")
     p.add_argument("--weight-decay", type=float, default=0.03)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--ema", type=float, default=0.9999)
@@ -362,7 +386,8 @@ def main(argv=None):
     if args.resume:                                        # the run's own settings, except a longer --steps
         saved = torch.load(args.resume, map_location="cpu", weights_only=True)
         steps = args.steps if "--steps" in (argv if argv is not None else sys.argv) else None
-        args = argparse.Namespace(**{**saved["args"], "resume": args.resume})
+        defaults = vars(parse_args([]))                    # for options added after the run was started
+        args = argparse.Namespace(**{**defaults, **saved["args"], "resume": args.resume})
         args.steps = steps or args.steps
     ddp = "RANK" in os.environ                             # launched by torchrun
     if ddp:
@@ -464,10 +489,10 @@ def main(argv=None):
         rng = np.random.default_rng([args.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         batch = data.batch(rng, args.batch_size)
-        t = torch.randint(0, pm.T, (args.batch_size,), generator=g)
+        t = draw_timesteps(args.batch_size, g, args.timesteps)
         noise = torch.randn(batch["x0"].shape, generator=g)
         drop = torch.rand(args.batch_size, generator=g) < args.null_prob
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         local = {k: None if v is None else v[mine].to(device) for k, v in batch.items()}

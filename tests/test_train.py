@@ -73,6 +73,38 @@ def test_resume_continues_exactly(tmp_path):
     assert a[-1] != a[0]                                    # it did train
 
 
+def test_a_checkpoint_from_before_the_schedule_options_resumes(tmp_path):
+    train.main(["--out", str(tmp_path), "--steps", "2", "--save-every", "2", *FAST])
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["args"]["lr_decay"], ckpt["args"]["timesteps"]       # as saved by train.py before they existed
+    torch.save(ckpt, tmp_path / "last.pt")
+    train.main(["--resume", str(tmp_path / "last.pt"), "--steps", "3"])
+    assert len(losses(tmp_path)) == 3
+
+
+def test_learning_rate_warms_up_then_stays_or_follows_a_cosine():
+    steps = 100
+    flat = train.parse_args(["--lr", "1e-3", "--warmup", "10", "--steps", str(steps)])
+    cosine = train.parse_args(["--lr", "1e-3", "--warmup", "10", "--steps", str(steps), "--lr-decay", "cosine"])
+    lr = [train.learning_rate(s, flat) for s in range(steps)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9:] == [1e-3] * (steps - 9)     # the paper: warm-up, then constant
+    lr = [train.learning_rate(s, cosine) for s in range(steps)]
+    assert lr[0] == pytest.approx(1e-4) and max(lr) <= 1e-3
+    assert lr[50] == pytest.approx(0.5e-3) and lr[-1] < 1e-6                     # half way: half; the end: ~0
+    assert all(a > b for a, b in zip(lr[9:], lr[10:]))                         # falls every step after warm-up
+
+
+def test_logit_normal_timesteps_gather_in_the_middle():
+    g = torch.Generator().manual_seed(0)
+    middle = {}
+    for how in ("uniform", "logit-normal"):
+        t = train.draw_timesteps(100_000, g, how)
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= pm.T - 1
+        middle[how] = ((t >= 270) & (t < 730)).float().mean().item()
+    assert middle["uniform"] == pytest.approx(0.46, abs=0.01)
+    assert middle["logit-normal"] == pytest.approx(0.68, abs=0.01)           # one standard deviation of the normal
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = pm.training_loss
     calls = []
