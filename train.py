@@ -7,6 +7,7 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --init-dit runs/stage1/last.pt --out runs/stage2    # re-parameterise, then dense captions
   python train.py --init runs/stage2/last.pt --image-size 64 --out runs/stage3   # stage 3: higher resolution
   python train.py --resume runs/stage2/last.pt             # continue a killed run, step for step
+  python train.py --lr-decay cosine --timesteps logit-normal   # beyond the paper's recipe: see the README
   python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
   python train.py --data my_images/ --t5 T5_FOLDER --vae VAE_FOLDER  # real data: features computed once
   torchrun --nproc_per_node 8 train.py ...                 # DDP across GPUs (gloo on CPUs)
@@ -319,7 +320,7 @@ def draw_timesteps(n, generator, how="uniform"):
 
 # ==================== Checkpoints: everything needed to continue, written atomically ====================
 
-def save_checkpoint(path, model, ema, opt, step, args, good=True):
+def save_checkpoint(path, model, ema, opt, step, args):
     """Write to a temporary file, then rename: a run killed mid-write never leaves a half-written checkpoint."""
     ckpt = dict(kind="dit" if isinstance(model, DiT) else "pixart", config=asdict(model.config),
                 num_classes=getattr(model, "num_classes", None), state_dict=model.state_dict(),
