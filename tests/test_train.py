@@ -180,7 +180,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
 @pytest.mark.parametrize("argv, message", [(["--resume", "missing.pt"], "--resume: no such file"),
                                            (["--data", "/no/such/folder"], "--data: no such file"),
                                            (["--preset", "huge"], "invalid choice"),
-                                           (["--steps", "0"], "must be positive")])
+                                           (["--steps", "0"], "must be positive"),
+                                           (["--warmup", "0"], "--warmup must be at least 1")])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
