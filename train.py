@@ -311,8 +311,8 @@ def learning_rate(step, args):
 
 def draw_timesteps(n, generator, how="uniform"):
     """(n,) training timesteps. uniform over 0..T-1 is the paper's. logit-normal (t/T the sigmoid of a standard
-    normal, as in Stable Diffusion 3) spends two thirds of the steps between t=270 and t=730, where a picture's
-    layout is decided, and few at the two ends, where the task is nearly trivial."""
+    normal, as in Stable Diffusion 3) spends two thirds of the steps between t=270 and t=730, where notebook 02
+    shows the toy model's clean-picture estimate going from mostly right to mostly wrong, and few at the ends."""
     if how == "uniform":
         return torch.randint(0, pm.T, (n,), generator=generator)
     return (torch.sigmoid(torch.randn(n, generator=generator)) * pm.T).long()
