@@ -229,8 +229,8 @@ class PixArt(nn.Module):
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if y.shape[-1] != c.caption_channels:
             raise ValueError(f"caption features have {y.shape[-1]} channels, the model expects {c.caption_channels}")
-        x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d").contiguous()   # (B, N, D), N = HW/p^2;
-        # contiguous: the view would keep its transposed strides through every residual add, and slow the linears
+        # .contiguous(): as a transposed view, the tokens would keep its strides through every add and slow the linears
+        x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d").contiguous()   # (B, N, D), N = HW/p^2
         x = x + self.pos_embed_for(H // p, W // p)                                 # (B, N, D)
         t = self.t_embedder(t)                                                     # (B, D)
         if c.micro_condition:
