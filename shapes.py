@@ -345,6 +345,7 @@ def _score(spec, found):
     rec = {"n_objects": len(want), "count": len(found) == len(want)}
     for attr in ("color", "shape", "size"):
         rec[attr] = [f is not None and getattr(f, attr) == getattr(o, attr) for o, f in zip(want, match)]
+    rec["shapes"] = [(o.shape, f and f.shape) for o, f in zip(want, match)]   # (asked, read back or None)
     rec["relation"] = None
     if len(want) == 2:
         rec["relation"] = None not in match and relation_of(*match) == spec.relation
@@ -355,19 +356,25 @@ def _score(spec, found):
 
 def evaluate_each(images, specs):
     """One record per image: {"n_objects", "count", "color": [bool per object], "shape", "size",
-    "relation" (bool, None for one object), "all"}. Filter them and pass them to summarize()."""
+    "shapes": [(shape asked, shape read or None) per object], "relation" (bool, None for one object), "all"}.
+    Filter them and pass them to summarize()."""
     assert len(images) == len(specs), f"{len(images)} images but {len(specs)} specs"
     return [_score(spec, found) for spec, found in zip(specs, detect(images))]
 
 
 def summarize(records):
     """Accuracies in [0, 1]: count, color/shape/size (over objects), relation (two-object scenes; NaN
-    if none), all (every attribute of the scene right)."""
+    if none), all (every attribute of the scene right), and shape per shape asked ("circle": the share of
+    circles asked for that were read back as circles; NaN if none): a model that draws every object as the
+    same blob scores about 1, 0, 0 there, while its overall shape score sits at chance."""
     out = {k: float(np.mean([r[k] for r in records])) for k in ("count", "all")}
     for k in ("color", "shape", "size"):
         out[k] = float(np.mean([ok for r in records for ok in r[k]]))
     rel = [r["relation"] for r in records if r["relation"] is not None]
     out["relation"] = float(np.mean(rel)) if rel else float("nan")
+    for s in SHAPES:
+        right = [read == s for r in records for asked, read in r["shapes"] if asked == s]
+        out[s] = float(np.mean(right)) if right else float("nan")
     return out
 
 

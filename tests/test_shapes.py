@@ -167,7 +167,7 @@ def test_vocab_sentences_cover_every_caption_word():
 def test_evaluator_reads_ground_truth(size):
     spec_list = specs(400, seed=10) + specs(200, seed=11, held_out=True)
     scores = shapes.evaluate(images(spec_list, size), spec_list)
-    assert set(scores) == {"count", "color", "shape", "size", "relation", "all"}
+    assert set(scores) == {"count", "color", "shape", "size", "relation", "all", *SHAPES}
     assert all(v >= 0.99 for v in scores.values()), scores
 
 
@@ -224,6 +224,13 @@ def test_evaluator_scores_wrong_drawings_wrong():
         assert scores["all"] == 0.0 and scores[attr] <= most, (attr, scores)
     for r in shapes.evaluate_each(images(cases["count"][0]), two):              # a missing object is wrong
         assert r["color"] == [True, False] and r["relation"] is False
+
+
+def test_shape_per_shape_asked_shows_a_model_that_draws_one_shape():
+    one = specs(90, seed=23, n_objects=1)
+    scores = shapes.evaluate(images([altered(s, shape="circle") for s in one]), one)   # circles for everything
+    assert scores["circle"] == 1.0 and scores["square"] == scores["triangle"] == 0.0, scores
+    assert 0.2 < scores["shape"] < 0.5                                          # overall: about chance
 
 
 def test_noise_and_blank_images_score_nothing():
