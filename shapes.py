@@ -345,7 +345,7 @@ def _score(spec, found):
     rec = {"n_objects": len(want), "count": len(found) == len(want)}
     for attr in ("color", "shape", "size"):
         rec[attr] = [f is not None and getattr(f, attr) == getattr(o, attr) for o, f in zip(want, match)]
-    rec["shapes"] = [(o.shape, f and f.shape) for o, f in zip(want, match)]   # (asked, read back or None)
+    rec["shapes"] = [(o.shape, None if f is None else f.shape) for o, f in zip(want, match)]   # (asked, read)
     rec["relation"] = None
     if len(want) == 2:
         rec["relation"] = None not in match and relation_of(*match) == spec.relation
