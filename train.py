@@ -106,9 +106,18 @@ def reparameterize(dit, t=500):
     return pixart
 
 
+def read_checkpoint(path):
+    """torch.load of a .pt file, stopping with a message that names the file if it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).split(". ")[0]                  # torch's own reason, without its advice
+        raise SystemExit(f"train.py: cannot read {path} ({first}): a truncated file, or not a checkpoint?") from None
+
+
 def load_model(path, cond):
     """A model to start from: a training checkpoint of this script (its raw weights), or official weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if str(path).endswith(".pt") else None
+    ckpt = read_checkpoint(path) if str(path).endswith(".pt") else None
     if ckpt is not None and ckpt.get("kind") == "dit":
         model = DiT(pm.PixArtConfig(**ckpt["config"]), ckpt["num_classes"])
         pm.load_strict(model, ckpt["state_dict"], path)
@@ -387,7 +396,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.resume:                                        # the run's own settings, except a longer --steps
-        saved = torch.load(args.resume, map_location="cpu", weights_only=True)
+        saved = read_checkpoint(args.resume)
         steps = args.steps if "--steps" in (argv if argv is not None else sys.argv) else None
         defaults = vars(parse_args([]))                    # for options added after the run was started
         args = argparse.Namespace(**{**defaults, **saved["args"], "resume": args.resume})

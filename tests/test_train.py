@@ -188,6 +188,17 @@ def test_bad_arguments_are_named(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--resume", "--init"])
+def test_a_truncated_checkpoint_is_named(tmp_path, flag):
+    good = tmp_path / "good.pt"
+    torch.save({"step": 1, "state_dict": {"w": torch.ones(1000)}}, good)
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(good.read_bytes()[:100])                      # a copy killed half-way
+    with pytest.raises(SystemExit) as e:
+        train.main([flag, str(bad), "--out", str(tmp_path / "run")])
+    assert f"cannot read {bad}" in str(e.value.code) and "truncated" in str(e.value.code)
+
+
 BUNDLED_FLOOR = {"1obj_color": 0.85, "1obj_count": 0.8, "1obj_all": 0.15}   # measured 96.9%, 93.8%, 25.0% (8 of 32)
 
 
