@@ -207,7 +207,7 @@ def precompute(folder, cache, t5_path, vae_path, image_size, device):
     for path, caption in tqdm(pairs, desc="precompute"):
         try:
             with Image.open(path) as im:
-                pixels = np.asarray(im.convert("RGB"))
+                pixels = np.array(im.convert("RGB"))   # a copy torch may write to
         except Exception as e:                             # a corrupt file costs one image, not the run
             skipped += 1
             tqdm.write(f"skipping {path}: {e}")
