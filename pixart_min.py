@@ -95,8 +95,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                             # x (B, N, D)
-        qkv = rearrange(self.qkv(x), "b n (k h d) -> k b h n d", k=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])    # (B, H, N, D/H)
+        q, k, v = rearrange(self.qkv(x), "b n (k h d) -> k b h n d", k=3, h=self.num_heads).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)                   # (B, H, N, D/H)
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))        # (B, N, D)
 
 
@@ -111,9 +111,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, y, mask=None):                               # x (B, N, D), y (B, L, D), mask (B, L)
         q = rearrange(self.q_linear(x), "b n (h d) -> b h n d", h=self.num_heads)
-        kv = rearrange(self.kv_linear(y), "b l (k h d) -> k b h l d", k=2, h=self.num_heads)
+        k, v = rearrange(self.kv_linear(y), "b l (k h d) -> k b h l d", k=2, h=self.num_heads).unbind(0)
         keep = None if mask is None else mask.bool()[:, None, None, :]    # (B, 1, 1, L)
-        x = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=keep)   # (B, H, N, D/H)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)   # (B, H, N, D/H)
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))        # (B, N, D)
 
 
