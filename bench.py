@@ -3,12 +3,14 @@
     python bench.py                      # CPU: the toy model and PixArt-XL-2 at 256 px (about 10 minutes)
     python bench.py --sizes toy          # a quick look
     python bench.py --device cuda        # GPU, bf16: 256, 512 and 1024 px, with TFLOP/s and share of peak
+    python bench.py --compile            # both models torch.compile'd first (the warm-up pays for compiling)
 
 Three jobs per size: (a) one transformer forward on a guided batch of 2, (b) the whole 20-step DPM-Solver++
 loop with guidance (diffusers: PixArtAlphaPipeline on prompt embeddings, returning latents), (c) one training
-step (the hybrid loss, backward, AdamW). Times are medians over --repeats after a warm-up; "ratio" is
-ours / diffusers, so below 1 means we are faster. Peak memory is the most the job added on top of what was
-held before it: resident memory on the CPU (Linux's VmHWM, reset before each job), allocated memory on a GPU.
+step (the hybrid loss, backward, AdamW). Times are medians over --repeats after a warm-up; in (a) and (b) our
+calls and diffusers' take turns. "ratio" is ours / diffusers, so below 1 means we are faster. Peak memory is
+the most one call added on top of what was held before it: resident memory on the CPU (Linux's VmHWM, reset
+before each call), allocated memory on a GPU.
 Needs diffusers (requirements-test.txt); pixart-min itself never imports it.
 """
 import argparse
@@ -159,20 +161,24 @@ class Peak:
 
 
 
-def median_time(fn, repeats, device, warmup=None):
-    """(median wall time of fn() over repeats, peak memory over those calls), after one call of warmup
-    (default fn itself), which pays for one-time costs: allocations, kernel choice, caches."""
+def median_times(fns, repeats, device, warmup=None):
+    """[(median wall time, peak memory)] of each fn in fns over repeats. One call of warmup(fn) (default fn
+    itself) each first pays for one-time costs: allocations, kernel choice, caches. The timed calls take turns
+    (ours, theirs, theirs, ours, ...), so a machine that slows down for a while slows both sides alike."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    (warmup or fn)()
+    for fn in fns:
+        (warmup(fn) if warmup else fn)()
     sync()
-    times = []
-    with Peak(device) as peak:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), peak.bytes
+    times, peaks = [[] for _ in fns], [0] * len(fns)
+    for r in range(repeats):
+        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            with Peak(device) as peak:
+                start = time.perf_counter()
+                fns[i]()
+                sync()
+                times[i].append(time.perf_counter() - start)
+            peaks[i] = max(peaks[i], peak.bytes)
+    return [(statistics.median(t), m) for t, m in zip(times, peaks)]
 
 
 def jobs(ours, theirs, config, side, text_len, device, dtype, steps):
@@ -229,23 +235,29 @@ def peak_tflops(device):
     return None
 
 
-def run(size, device, repeats, steps, results):
+def run(size, device, repeats, steps, results, compile_=False):
     config, side, text_len = SIZES[size]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     ours, theirs = twins(config)
+    if compile_:                                  # in place, as sample.py --compile does: both sides alike
+        ours.compile()
+        theirs.compile()
     peak = peak_tflops(device) if device.startswith("cuda") else None
     for name, (mine, other, flops) in jobs(ours, theirs, config, side, text_len, device, dtype, steps).items():
-        row = dict(size=size, job=name, device=device)
-        for who, job, model in (("ours", mine, ours), ("diffusers", other, theirs)):
-            training = name == "train step"
+        row = dict(size=size, job=name, device=device, compiled=compile_)
+        training = name == "train step"
+        for model in (ours, theirs):
             model.to(device, torch.float32 if training else dtype).train(training).requires_grad_(training)
-            with torch.set_grad_enabled(training):
-                fn = job() if training else job
-                warmup = (lambda: fn(2)) if "loop" in name else None
-                seconds, memory = median_time(fn, repeats, device, warmup)
+        with torch.set_grad_enabled(training):
+            if training:      # one side at a time: two optimisers' state do not fit side by side at XL on a CPU
+                timed = [median_times([job()], repeats, device)[0] for job in (mine, other)]
+            else:
+                warmup = (lambda fn: lambda: fn(2)) if "loop" in name else None
+                timed = median_times([mine, other], repeats, device, warmup)
+        for model in (ours, theirs):
             model.to("cpu").eval().requires_grad_(False)
-            fn = None
-            gc.collect()
+        gc.collect()
+        for who, (seconds, memory) in zip(("ours", "diffusers"), timed):
             row[who] = dict(seconds=seconds, peak_mib=memory / 2 ** 20, tflops=flops / seconds / 1e12)
         row["ratio"] = row["ours"]["seconds"] / row["diffusers"]["seconds"]
         row["memory_ratio"] = row["ours"]["peak_mib"] / max(row["diffusers"]["peak_mib"], 1e-9)
@@ -264,6 +276,7 @@ def main(argv=None):
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="default: toy XL-256 on the CPU, XL-256/512/1024 on a GPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the loop")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (in place) before timing")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 2:
@@ -273,10 +286,11 @@ def main(argv=None):
         raise SystemExit("bench.py: --device cuda, but torch sees no GPU")
     sizes = args.sizes or (["XL-256", "XL-512", "XL-1024"] if gpu else ["toy", "XL-256"])
     where = torch.cuda.get_device_name(args.device) if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; medians of {args.repeats}; ratio = ours / diffusers", flush=True)
+    print(f"torch {torch.__version__}, {where}; medians of {args.repeats}; ratio = ours / diffusers"
+          + ("; both compiled" if args.compile else ""), flush=True)
     results = []
     for size in sizes:
-        run(size, args.device, args.repeats, args.steps, results)
+        run(size, args.device, args.repeats, args.steps, results, args.compile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=where, torch=torch.__version__, results=results), f, indent=1)

@@ -122,6 +122,20 @@ def test_to_diffusers_writes_what_diffusers_loads(case, tmp_path):
     assert max_err(reference(theirs, x, t, y, mask, hw, ar), reference(ref, x, t, y, mask, hw, ar)) == 0
 
 
+def test_bench_times_the_same_work_on_both_sides():
+    """bench.py end to end on the toy size: three jobs, each timed for ours and diffusers; and the two sampling
+    loops it times return the same latents, so the ratio compares like with like."""
+    rows = bench.main(["--sizes", "toy", "--repeats", "2", "--steps", "3"])
+    assert [r["job"] for r in rows] == ["forward", "3-step loop", "train step"]
+    for r in rows:
+        assert r["ours"]["seconds"] > 0 and r["diffusers"]["seconds"] > 0
+        assert r["ratio"] == pytest.approx(r["ours"]["seconds"] / r["diffusers"]["seconds"])
+    ours, theirs = bench.twins(PRESETS["toy"])
+    our_loop, their_loop, _ = bench.jobs(ours, theirs, PRESETS["toy"], 32, 24, "cpu", torch.float32, 3)["3-step loop"]
+    a, b = our_loop(), their_loop()
+    assert max_err(a, b) <= 1e-4 * b.abs().max().item()
+
+
 @contextlib.contextmanager
 def no_random_init():
     """Skip torch's and our random initialisation while building 0.6B models. Every weight is overwritten
