@@ -316,8 +316,8 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given."""
     if sampler not in ("dpm-solver", "ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
-    if not (int(steps) == steps and 1 <= steps <= T):
-        raise ValueError(f"steps must be an integer from 1 to {T}, got {steps!r}")
+    if not (int(steps) == steps and 1 <= steps < T):       # 1000 steps would visit one t twice
+        raise ValueError(f"steps must be an integer from 1 to {T - 1}, got {steps!r}")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
     if null_y is None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixart_min import T5TextEncoder, load_pixart, local_folder, sample
+from pixart_min import T, T5TextEncoder, load_pixart, local_folder, sample
 from vae import AutoencoderKL, Pixels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,8 +84,8 @@ def free(device):
 
 def check_args(args, error):
     """Every mistake we can see before loading a model, as `sample.py: error: ...` (exit code 2)."""
-    if args.steps < 1 or args.steps > 1000:
-        error(f"--steps must be from 1 to 1000, got {args.steps}")
+    if args.steps < 1 or args.steps >= T:
+        error(f"--steps must be from 1 to {T - 1}, got {args.steps}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
         error(f"--cfg must be a finite number >= 0, got {args.cfg}")
     if args.n < 1:

@@ -388,6 +388,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')}: no such file or folder: {path}")
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
         p.error("--steps, --batch-size and --lr must be positive")
+    if not 1 <= args.eval_steps < pm.T:                            # caught now, not at the first evaluation
+        p.error(f"--eval-steps must be from 1 to {pm.T - 1}, got {args.eval_steps}")
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the number of steps the lr takes to rise to --lr)")
     return args

@@ -97,6 +97,7 @@ def test_empty_prompt_warns(pipeline_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--height", "30"], "multiples of 4"),
     (["--steps", "0"], "--steps"),
+    (["--steps", "1000"], "from 1 to 999"),
     (["--cfg", "nan"], "--cfg"),
     (["--n", "0"], "--n"),
     (["--model", "{tmp}/no-such-folder"], "no-such-folder"),

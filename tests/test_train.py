@@ -181,7 +181,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--data", "/no/such/folder"], "--data: no such file"),
                                            (["--preset", "huge"], "invalid choice"),
                                            (["--steps", "0"], "must be positive"),
-                                           (["--warmup", "0"], "--warmup must be at least 1")])
+                                           (["--warmup", "0"], "--warmup must be at least 1"),
+                                           (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999")])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
