@@ -304,20 +304,23 @@ def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None)
     return (mse + vb).mean()
 
 
-def timesteps(steps):
+def timesteps(steps, start=T - 1):
     """The sampling grid of PixArt's hub scheduler ("linspace" spacing): e.g. 999, 949, ..., 49 for 20 steps."""
-    return torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1].long()
+    return torch.linspace(0, start, steps + 1, dtype=torch.float64).round().flip(0)[:-1].long()
 
 
 @torch.no_grad()
 def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_scale=4.5, sampler="dpm-solver",
-           hw=None, ar=None, generator=None, progress=False):
+           hw=None, ar=None, generator=None, progress=False, start=T - 1):
     """Denoise `noise` (B, C, H, W) into clean latents, guided by captions y (B, L, C_text) with mask (B, L).
-    The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given."""
+    The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given.
+    A lower `start` finishes a picture already noised to that step (q_sample) instead of pure noise."""
     if sampler not in ("dpm-solver", "ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
-    if not (int(steps) == steps and 1 <= steps < T):       # 1000 steps would visit one t twice
-        raise ValueError(f"steps must be an integer from 1 to {T - 1}, got {steps!r}")
+    if not (int(start) == start and 1 <= start < T):
+        raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
+    if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
+        raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
     if null_y is None:
@@ -334,7 +337,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         keep = int(m2.any(0).nonzero().max()) + 1
         y2, m2 = y2[:, :keep], m2[:, :keep]
     hw2, ar2 = (None, None) if hw is None else (torch.cat([hw, hw]), torch.cat([ar, ar]))
-    ts, abar = timesteps(int(steps)), ALPHAS_CUMPROD
+    ts, abar = timesteps(int(steps), int(start)), ALPHAS_CUMPROD
     ts_device = ts.to(noise.device)          # copied once: a copy from the CPU inside the loop would wait for the GPU
     x, x0_prev = noise.float(), None
     for i in tqdm(range(steps), disable=not progress, desc=sampler):

@@ -378,6 +378,22 @@ def test_timesteps_match_the_hub_scheduler():
         assert torch.equal(pixart_min.timesteps(steps), scheduler.timesteps.long()), steps
 
 
+def test_sample_from_a_later_start(sampler_setup):
+    """start=t finishes a picture already noised to step t: the grid spaces t..0 as it spaces 999..0, and one
+    step from t returns the model's clean-picture estimate at t."""
+    assert pixart_min.timesteps(10, start=500).tolist() == list(range(500, 0, -50))
+    model, noise, y, mask, null_y, null_mask = sampler_setup
+    t, a = 300, pixart_min.ALPHAS_CUMPROD[300].item()
+    eps = model(noise, torch.full((2,), t), y, mask)[:, :4]                 # guidance 1: the caption's own eps
+    x0 = sample(model, noise, y, mask, null_y=null_y, null_mask=null_mask, steps=1, cfg_scale=1, sampler="ddim",
+                start=t)
+    assert max_err(x0, (noise - math.sqrt(1 - a) * eps) / math.sqrt(a)) <= 1e-4
+    with pytest.raises(ValueError, match="steps must be an integer from 1 to 5,"):
+        sample(model, noise, y, mask, null_y=null_y, null_mask=null_mask, steps=6, start=5)
+    with pytest.raises(ValueError, match="start must be a step from 1 to 999"):
+        sample(model, noise, y, mask, null_y=null_y, null_mask=null_mask, start=1000)
+
+
 @pytest.mark.parametrize("steps", [20, 10, 5, 7])
 def test_dpm_solver_matches_diffusers(sampler_setup, steps):
     model, noise, y, mask, null_y, null_mask = sampler_setup
@@ -411,7 +427,7 @@ def test_ddim_matches_diffusers(sampler_setup, steps, monkeypatch):
     # grid. So on the linspace grid the two would differ by design. We swap in the evenly spaced
     # "trailing" grid (999, 949, ..., 49) that DDIMScheduler(timestep_spacing="trailing") uses, and then
     # the update rules themselves must agree.
-    monkeypatch.setattr(pixart_min, "timesteps", lambda n: torch.arange(999, 0, -1000 // n))
+    monkeypatch.setattr(pixart_min, "timesteps", lambda n, start: torch.arange(999, 0, -1000 // n))
     ours = sample(model, noise, y, mask, null_y=null_y, null_mask=null_mask, steps=steps, sampler="ddim")
     scheduler = ddim_scheduler()
     theirs = diffusers_loop(scheduler, model, noise, y, mask, null_y, null_mask, steps, 4.5)
