@@ -229,7 +229,7 @@ class PixArt(nn.Module):
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if y.shape[-1] != c.caption_channels:
             raise ValueError(f"caption features have {y.shape[-1]} channels, the model expects {c.caption_channels}")
-        # .contiguous(): as a transposed view, the tokens would keep its strides through every add and slow the linears
+        # .contiguous(): as a transposed view, the tokens would keep their strides through every add and slow the linears
         x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d").contiguous()   # (B, N, D), N = HW/p^2
         x = x + self.pos_embed_for(H // p, W // p)                                 # (B, N, D)
         t = self.t_embedder(t)                                                     # (B, D)
@@ -459,6 +459,7 @@ def from_diffusers(sd):
 
 
 def config_from_diffusers(cfg):
+    """diffusers' transformer config.json -> PixArtConfig fields."""
     size, c_in = cfg["sample_size"], cfg["in_channels"]
     micro = cfg.get("use_additional_conditions")
     return dict(input_size=size, patch_size=cfg["patch_size"], in_channels=c_in, depth=cfg["num_layers"],
