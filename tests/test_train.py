@@ -1,4 +1,5 @@
 # train.py: the re-parameterisation, exact resume, NaN stop, DDP with two CPU processes, real-data folders.
+import json
 import os
 import subprocess
 import sys
@@ -166,8 +167,11 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys):
 
 def test_the_three_stages_run_end_to_end(tmp_path):
     common = ["--steps", "2", "--save-every", "2", *FAST]
-    train.main(["--cond", "class", "--out", str(tmp_path / "s1"), *common])                       # class-conditional DiT
+    train.main(["--cond", "class", "--out", str(tmp_path / "s1"), *common, "--eval-every", "2", "--eval-n", "3"])  # DiT
     assert torch.load(tmp_path / "s1" / "last.pt", weights_only=True)["kind"] == "dit"
+    row = json.loads((tmp_path / "s1" / "metrics.jsonl").read_text())    # stage 1 is scored on the shapes it draws
+    assert {k for k in row if k.startswith("1obj_")} == {"1obj_shape", "1obj_circle", "1obj_square", "1obj_triangle"}
+    assert 0 <= row["1obj_shape"] <= 1 and (tmp_path / "s1" / "samples_000002.png").exists()
     train.main(["--init-dit", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "s2"), *common])  # text
     train.main(["--init", str(tmp_path / "s2" / "last.pt"), "--image-size", "64", "--out", str(tmp_path / "s3"), *common])
     m32, m64 = (pm.load_pixart(tmp_path / s / "pixart.safetensors") for s in ("s2", "s3"))
