@@ -350,7 +350,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         a_s = abar[ts[i + 1]].item() if i + 1 < steps else 1.0          # 1.0: clean
         if i + 1 == steps:                                               # every sampler ends on that estimate
             x = x0
-        elif sampler == "ddim":                                            # deterministic: keep the same eps
+        elif sampler == "ddim":                                          # deterministic: keep the same eps
             x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
         elif sampler == "ddpm":                                          # ancestral, with the learned variance
             mean, min_log, max_log = posterior(x0, x, abar[t], abar[ts[i + 1]])
