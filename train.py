@@ -363,7 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
     p.add_argument("--init-dit", help="start from a class-conditional DiT, re-parameterised at t=500 (§2.3)")
     p.add_argument("--resume", help="continue this checkpoint's run exactly")
-    p.add_argument("--score", help="no training: score this model (folder or .safetensors) on --eval-n prompts a group")
+    p.add_argument("--score", help="no training: score this model (folder, .safetensors, or a stage-1 last.pt) "
+                                   "on --eval-n prompts a group")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -446,7 +447,13 @@ def main(argv=None):
     if args.score:                                         # no training: score a finished model and stop
         out.mkdir(parents=True, exist_ok=True)
         try:
-            model = pm.load_pixart(args.score, device)
+            saved = read_checkpoint(args.score) if args.score.endswith(".pt") else {}
+            if saved.get("kind") == "dit":                 # stage 1: its EMA weights, scored on the shapes it draws
+                model, args.cond = load_model(args.score, "class"), "class"
+                model.load_state_dict(saved["state_dict_ema"])
+                model = model.to(device).eval()
+            else:
+                model = pm.load_pixart(args.score, device)
         except (OSError, ValueError) as e:
             raise SystemExit(f"train.py: --score: {e}") from None
         scores = evaluate(model, data, args, args.eval_n, device, out / "score_samples.png")

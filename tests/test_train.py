@@ -172,6 +172,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
     row = json.loads((tmp_path / "s1" / "metrics.jsonl").read_text())    # stage 1 is scored on the shapes it draws
     assert {k for k in row if k.startswith("1obj_")} == {"1obj_shape", "1obj_circle", "1obj_square", "1obj_triangle"}
     assert 0 <= row["1obj_shape"] <= 1 and (tmp_path / "s1" / "samples_000002.png").exists()
+    scored = train.main(["--score", str(tmp_path / "s1" / "last.pt"), "--eval-n", "3", "--out", str(tmp_path / "s1")])
+    assert scored == {"1obj": {k[5:]: v for k, v in row.items() if k.startswith("1obj_")}}   # the same EMA, prompts, seeds
     train.main(["--init-dit", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "s2"), *common])  # text
     train.main(["--init", str(tmp_path / "s2" / "last.pt"), "--image-size", "64", "--out", str(tmp_path / "s3"), *common])
     m32, m64 = (pm.load_pixart(tmp_path / s / "pixart.safetensors") for s in ("s2", "s3"))
