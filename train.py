@@ -380,7 +380,7 @@ def parse_args(argv=None):
     p.add_argument("--null-prob", type=float, default=0.1, help="share of captions replaced by the null caption")
     p.add_argument("--cfg", type=float, default=4.5, help="guidance scale of the evaluation samples")
     p.add_argument("--eval-steps", type=int, default=20, help="sampler steps of the evaluation samples")
-    p.add_argument("--eval-every", type=int, default=500, help="0: never")
+    p.add_argument("--eval-every", type=int, default=500, help="shapes world: score the EMA model every so often; 0: never")
     p.add_argument("--eval-n", type=int, default=16, help="prompts per group (1/2 objects, seen/held-out)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -395,6 +395,8 @@ def parse_args(argv=None):
         p.error("--steps, --batch-size and --lr must be positive")
     if not 1 <= args.eval_steps < pm.T:                            # caught now, not at the first evaluation
         p.error(f"--eval-steps must be from 1 to {pm.T - 1}, got {args.eval_steps}")
+    if args.score and args.data != "shapes":
+        p.error("--score reads pictures back with the shapes world's evaluator: leave out --data")
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the number of steps the lr takes to rise to --lr)")
     return args
@@ -554,7 +556,7 @@ def main(argv=None):
         if master:
             with open(out / "loss.csv", "a") as f:
                 f.write(f"{step},{avg.item():.6f}\n")
-        if master and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        if master and args.eval_every and args.data == "shapes" and (step % args.eval_every == 0 or step == args.steps):
             scores = evaluate(ema, data, args, args.eval_n, device, out / f"samples_{step:06d}.png")
             row = dict(step=step, minutes=(time.time() - t_start) / 60, loss=avg.item(), lr=lr,
                        **{f"{g}_{k}": v for g, s in scores.items() for k, v in s.items()})

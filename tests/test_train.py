@@ -153,7 +153,7 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys):
     t5 = write_t5_dir(tmp_path / "t5")
     diffusers_vae().save_pretrained(tmp_path / "vae")
     train.main(["--data", str(data), "--t5", str(t5), "--vae", str(tmp_path / "vae"), "--image-size", "64",
-                "--out", str(tmp_path / "run"), "--steps", "3", "--save-every", "3", *FAST])
+                "--out", str(tmp_path / "run"), "--steps", "3", "--save-every", "3", *FAST, "--eval-every", "3"])
     out = capsys.readouterr().out
     assert "precomputed 6 images" in out and "skipped 1 unreadable" in out
     folder = train.FolderData(data / ".pixart_cache")
@@ -188,7 +188,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--preset", "huge"], "invalid choice"),
                                            (["--steps", "0"], "must be positive"),
                                            (["--warmup", "0"], "--warmup must be at least 1"),
-                                           (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999")])
+                                           (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999"),
+                                           (["--score", ".", "--data", "."], "leave out --data")])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
