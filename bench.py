@@ -197,7 +197,7 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps):
         return lambda: model(g["x"], g["t"], g["y"], g["mask"], **micro)
 
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=theirs,
-                               scheduler=pixart_scheduler())
+                               scheduler=pixart_scheduler("v_prediction" if config.prediction == "v" else "epsilon"))
     pipe.set_progress_bar_config(disable=True)
     noise = one["x"]
 

@@ -35,6 +35,7 @@ class PixArtConfig:
     micro_condition: bool = False  # 1024-MS: embed the image size and aspect ratio
     pe_interpolation: float = 1.0  # "lewei_scale": 1 at 256 and 512 px, 2 at 1024 px
     class_dropout_prob: float = 0.1  # §2.2: 10% of captions replaced by the null caption
+    prediction: str = "epsilon"   # what the network predicts: the noise (the paper), or "v" (the toy; see eps_from)
 
 
 PRESETS = {
@@ -42,7 +43,7 @@ PRESETS = {
     "PixArt-XL-2-512": PixArtConfig(input_size=64),
     "PixArt-XL-2-1024-MS": PixArtConfig(input_size=128, micro_condition=True, pe_interpolation=2.0),
     "toy": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=192, depth=6, num_heads=3,
-                        caption_channels=64, model_max_length=24),
+                        caption_channels=64, model_max_length=24, prediction="v"),
     "tiny": PixArtConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, caption_channels=32),
 }
 
@@ -175,6 +176,8 @@ class PixArt(nn.Module):
     def __init__(self, config: PixArtConfig):
         super().__init__()
         c, D = config, config.hidden_size
+        if c.prediction not in ("epsilon", "v"):
+            raise ValueError(f"prediction must be 'epsilon' or 'v', got {c.prediction!r}")
         self.config = c
         self.out_channels = c.in_channels * 2 if c.learn_sigma else c.in_channels
         self.base_size = c.input_size // c.patch_size
@@ -274,26 +277,36 @@ def posterior(x0, xt, a_t, a_s):
     return c0.float() * x0 + c1.float() * xt, logvar.float(), beta.log().float()
 
 
-def learned_logvar(v, min_log, max_log):
-    """Improved DDPM's learned range: the variance channel v in [-1, 1] interpolates log beta~ and log beta."""
-    frac = (v + 1) / 2
+def learned_logvar(var, min_log, max_log):
+    """Improved DDPM's learned range: the variance channel in [-1, 1] interpolates log beta~ and log beta."""
+    frac = (var + 1) / 2
     return frac * max_log + (1 - frac) * min_log
 
 
-def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None):
-    """The paper's hybrid loss: MSE on eps + improved DDPM's variational bound for the variance (mean detached)."""
+def eps_from(out, xt, a_t, prediction):
+    """The noise estimate from the network's output at alpha-bar a_t. A "v" network predicts
+    v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022): at large t that is about -x0, so its error
+    is not multiplied by 1/sqrt(a_t) on the way to the clean picture, as an eps network's is (notebook 02)."""
+    return out if prediction == "epsilon" else a_t ** 0.5 * out + (1 - a_t) ** 0.5 * xt
+
+
+def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None, prediction="epsilon"):
+    """The paper's hybrid loss: MSE on eps (or on v) + improved DDPM's variational bound for the variance
+    (mean detached)."""
     B, C = x0.shape[:2]
     t = torch.randint(0, T, (B,), device=x0.device) if t is None else t
     noise = torch.randn_like(x0) if noise is None else noise
     xt = q_sample(x0, t, noise)
-    eps, v = model(xt, t, y, mask, hw, ar).float().split(C, dim=1)              # (B, C, H, W) each
-    mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    out, var = model(xt, t, y, mask, hw, ar).float().split(C, dim=1)            # (B, C, H, W) each
     abar = F.pad(ALPHAS_CUMPROD, (1, 0), value=1.0).to(x0.device)   # abar[k] = alpha-bar_(k-1), 1 at k=0
     a_t, a_s = abar[t + 1].view(B, 1, 1, 1), abar[t].view(B, 1, 1, 1)
+    target = noise if prediction == "epsilon" else a_t.sqrt().float() * noise - (1 - a_t).sqrt().float() * x0
+    mse = ((target - out) ** 2).mean(dim=(1, 2, 3))
+    eps = eps_from(out, xt, a_t.float(), prediction)                            # the bound reads the noise estimate
     true_mean, min_log, log_beta = posterior(x0, xt, a_t, a_s)
     min_log = min_log.clamp(min=math.log(BETAS[1] * (1 - ALPHAS_CUMPROD[0]) / (1 - ALPHAS_CUMPROD[1])))  # t=0: -inf
     x0_pred = (xt - (1 - a_t).sqrt().float() * eps.detach()) / a_t.sqrt().float()
-    mean, logvar = posterior(x0_pred, xt, a_t, a_s)[0], learned_logvar(v, min_log, log_beta)
+    mean, logvar = posterior(x0_pred, xt, a_t, a_s)[0], learned_logvar(var, min_log, log_beta)
     kl = 0.5 * (-1 + logvar - min_log + (min_log - logvar).exp() + (true_mean - mean) ** 2 * (-logvar).exp())
     # at t = 0 the bound's term is the decoder's likelihood of x0 on a 256-level grid instead
     cdf = lambda z: torch.special.ndtr(z * (-0.5 * logvar).exp())
@@ -343,9 +356,9 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
         t = ts[i]
         out = model(torch.cat([x, x]).to(dtype), ts_device[i].repeat(2 * B), y2, m2, hw2, ar2).float()
-        eps_u, eps_c = out[:, :C].chunk(2)                               # (B, C, H, W) each
-        eps = eps_u + cfg_scale * (eps_c - eps_u)                        # classifier-free guidance on eps
+        out_u, out_c = out[:, :C].chunk(2)                               # (B, C, H, W) each
         a_t = abar[t].item()
+        eps = eps_from(out_u + cfg_scale * (out_c - out_u), x, a_t, model.config.prediction)   # guided noise
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)             # the clean latents it predicts
         a_s = abar[ts[i + 1]].item() if i + 1 < steps else 1.0          # 1.0: clean
         if i + 1 == steps:                                               # every sampler ends on that estimate

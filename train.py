@@ -374,6 +374,8 @@ def parse_args(argv=None):
                         "longer --steps stretches it)")
     p.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform",
                    help="how training draws t: uniform (the paper), or logit-normal, most often near t=500")
+    p.add_argument("--prediction", choices=["epsilon", "v"],
+                   help="a new model's target: the noise (the paper's) or v (default: the preset's, v for the toy)")
     p.add_argument("--weight-decay", type=float, default=0.03)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--ema", type=float, default=0.9999)
@@ -397,6 +399,8 @@ def parse_args(argv=None):
         p.error(f"--eval-steps must be from 1 to {pm.T - 1}, got {args.eval_steps}")
     if args.score and args.data != "shapes":
         p.error("--score reads pictures back with the shapes world's evaluator: leave out --data")
+    if args.prediction and (args.init or args.init_dit or args.resume or args.score):
+        p.error("--prediction is for a new model: one started from weights keeps the target it was trained on")
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the number of steps the lr takes to rise to --lr)")
     return args
@@ -469,7 +473,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)                           # the same start for the same seed
     config = pm.PixArtConfig(**{**asdict(pm.PRESETS[args.preset]), "class_dropout_prob": args.null_prob,
                                 "input_size": args.image_size // data.downscale, "in_channels": data.channels,
-                                "caption_channels": data.caption_channels})
+                                "caption_channels": data.caption_channels,
+                                "prediction": args.prediction or pm.PRESETS[args.preset].prediction})
     if args.resume:
         model = load_model(args.resume, args.cond)
     elif args.init_dit:
@@ -526,7 +531,7 @@ def main(argv=None):
         with autocast:
             loss = pm.training_loss(lambda *a: net(*a, force_drop_ids=drop[mine].to(device)), local["x0"], local["y"],
                                     local["mask"], local.get("hw"), local.get("ar"), t=t[mine].to(device),
-                                    noise=noise[mine].to(device))
+                                    noise=noise[mine].to(device), prediction=model.config.prediction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)

@@ -4,15 +4,17 @@
 #   staged   stage 1, a class-conditional DiT, for half the steps; re-parameterised at t=500; stage 2 for the rest
 #   sparse   sparse, LAION-like captions from the first step (the dense-vs-sparse ablation of §2.4)
 # Every run sees the same number of images. With STEPS=800 each takes about 16 minutes on one CPU thread.
+# The stored curves were measured with the paper's target, the noise (--prediction epsilon), before the toy's
+# default became v; the target is set on the runs that start a new model, and the staged run inherits it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 STEPS=${STEPS:-800}
 EVAL="--eval-every $((STEPS / 4)) --eval-n 16 --save-every $((STEPS / 4))"
-$PY train.py --steps "$STEPS" $EVAL --out runs/curves/scratch
-$PY train.py --steps "$((STEPS / 2))" $EVAL --cond class --out runs/curves/stage1
+$PY train.py --steps "$STEPS" $EVAL --prediction epsilon --out runs/curves/scratch
+$PY train.py --steps "$((STEPS / 2))" $EVAL --prediction epsilon --cond class --out runs/curves/stage1
 $PY train.py --steps "$((STEPS / 2))" $EVAL --init-dit runs/curves/stage1/last.pt --out runs/curves/staged
-$PY train.py --steps "$STEPS" $EVAL --captions sparse --out runs/curves/sparse
+$PY train.py --steps "$STEPS" $EVAL --prediction epsilon --captions sparse --out runs/curves/sparse
 for run in scratch staged sparse; do
     cp runs/curves/$run/metrics.jsonl notebooks/data/$run.jsonl
 done

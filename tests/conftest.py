@@ -275,7 +275,7 @@ def diffusers_vae(seed=0, **cfg):
     return randomize_(AutoencoderKL(**config), seed).eval()
 
 
-def pixart_scheduler():
+def pixart_scheduler(prediction_type="epsilon"):
     """DPMSolverMultistepScheduler with the settings of the PixArt hub repo (checkpoints.md §2)."""
     from diffusers import DPMSolverMultistepScheduler
 
@@ -284,7 +284,7 @@ def pixart_scheduler():
         beta_schedule="linear",
         beta_start=0.0001,
         beta_end=0.02,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         algorithm_type="dpmsolver++",
         solver_order=2,
         solver_type="midpoint",

@@ -13,6 +13,7 @@ nothing is compared through a zero. Max errors are printed; run with -s to see t
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import math
 
@@ -220,11 +221,13 @@ def test_official_pth_round_trip(tmp_path):
 def test_safetensors_round_trip_keeps_config(tmp_path):
     config = PixArtConfig(input_size=12, patch_size=2, in_channels=3, hidden_size=48, depth=3, num_heads=4,
                           mlp_ratio=2.0, caption_channels=24, model_max_length=16, learn_sigma=False,
-                          micro_condition=True, pe_interpolation=0.5, class_dropout_prob=0.25)
+                          micro_condition=True, pe_interpolation=0.5, class_dropout_prob=0.25, prediction="v")
     model = random_pixart(config, seed=6)
     save_pixart(model, tmp_path / "m.safetensors")
     loaded = load_pixart(tmp_path / "m.safetensors")
-    assert loaded.config.num_heads == 4                                     # not in any tensor's shape
+    assert (loaded.config.num_heads, loaded.config.prediction) == (4, "v")  # not in any tensor's shape
+    with pytest.raises(ValueError, match="prediction must be 'epsilon' or 'v', got 'x0'"):
+        load_pixart(tmp_path / "m.safetensors", prediction="x0")
     x, t, y, mask, hw, ar = inputs(B=2, H=12, W=8, L=16, caption_channels=24, C=3, seed=7)
     assert_same_model(loaded, model, x, t, y, mask, hw, ar)
 
@@ -327,8 +330,19 @@ class Denoiser(PixArt):
         return torch.cat([(1 - a).sqrt() * x + 0.1 * out[:, :C], out[:, C:]], dim=1)
 
 
-def as_denoiser(model):
-    out = Denoiser(model.config)
+class VDenoiser(PixArt):
+    """The same idea for a v-prediction model: v = 0.1 x the network's output - x_t keeps the clean-picture
+    estimate sqrt(abar) x_t - sqrt(1 - abar) v within 1.5 x_t, so the latents stay O(1)."""
+
+    def forward(self, x, t, *args, **kwargs):
+        out = super().forward(x, t, *args, **kwargs)
+        C = self.config.in_channels
+        return torch.cat([0.1 * out[:, :C] - x, out[:, C:]], dim=1)
+
+
+def as_denoiser(model, kind=Denoiser, **config):
+    """model's weights in a Denoiser (or VDenoiser), with some config fields changed if given."""
+    out = kind(dataclasses.replace(model.config, **config))
     out.load_state_dict(model.state_dict())
     out.has_null_caption = model.has_null_caption
     return out.eval()
@@ -349,11 +363,11 @@ def diffusers_loop(scheduler, model, noise, y, mask, null_y, null_mask, steps, c
     return latents
 
 
-def ddim_scheduler():
+def ddim_scheduler(prediction_type="epsilon"):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-                         prediction_type="epsilon", timestep_spacing="trailing", clip_sample=False,
+                         prediction_type=prediction_type, timestep_spacing="trailing", clip_sample=False,
                          set_alpha_to_one=True)
 
 
@@ -434,6 +448,23 @@ def test_ddim_matches_diffusers(sampler_setup, steps, monkeypatch):
     assert torch.equal(scheduler.timesteps, torch.arange(999, 0, -1000 // steps))
     assert theirs.abs().max() < 20
     assert report(f"ddim {steps} steps (trailing grid)", max_err(ours, theirs)) <= 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["dpm-solver", "ddim"])
+def test_v_prediction_matches_diffusers(sampler_setup, sampler, monkeypatch):
+    """A model that predicts v (the toy's target): our samplers against diffusers' with prediction_type="v_prediction"."""
+    model, noise, y, mask, null_y, null_mask = sampler_setup
+    vmodel = as_denoiser(model, VDenoiser, prediction="v")
+    if sampler == "ddim":                                                  # the evenly spaced grid, as above
+        monkeypatch.setattr(pixart_min, "timesteps", lambda n, start: torch.arange(999, 0, -1000 // n))
+    scheduler = pixart_scheduler("v_prediction") if sampler == "dpm-solver" else ddim_scheduler("v_prediction")
+    ours = sample(vmodel, noise, y, mask, null_y=null_y, null_mask=null_mask, steps=10, sampler=sampler)
+    theirs = diffusers_loop(scheduler, vmodel, noise, y, mask, null_y, null_mask, 10, 4.5)
+    assert report(f"{sampler} 10 steps, v-prediction", max_err(ours, theirs)) <= 1e-4
+    # read as eps, the same outputs give another picture: the sampler does read the config
+    vmodel.config.prediction = "epsilon"
+    assert max_err(ours, sample(vmodel, noise, y, mask, null_y=null_y, null_mask=null_mask, steps=10,
+                                sampler=sampler)) > 1e-2
 
 
 def test_ddpm_and_guidance_scale_zero(sampler_setup):
@@ -546,6 +577,27 @@ def test_hybrid_loss_matches_iddpm():
     t = torch.zeros(B, dtype=torch.long)
     kl_at_0 = reference_hybrid_loss(out[:, :C].detach(), out[:, C:].detach(), x0, noise, t, decoder_nll=False)
     assert abs(kl_at_0.item() - training_loss(network, x0, None, t=t, noise=noise).item()) > 1e-2
+
+
+def test_hybrid_loss_with_v_prediction():
+    """prediction="v": the MSE is on v = sqrt(abar) eps - sqrt(1 - abar) x0, and the bound reads the eps it implies."""
+    x0, noise, out, network = hybrid_case()
+    C, t = x0.shape[1], torch.tensor([1, 100, 500, 999])
+    a = pixart_min.ALPHAS_CUMPROD[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise                              # float64 from here on
+    v_hat, var = out[:, :C].detach().double(), out[:, C:].detach().double()
+    eps_hat = a.sqrt() * v_hat + (1 - a).sqrt() * xt
+    v_mse = ((a.sqrt() * noise - (1 - a).sqrt() * x0 - v_hat) ** 2).mean()
+    eps_mse = ((noise - eps_hat) ** 2).mean()
+    expected = reference_hybrid_loss(eps_hat, var, x0, noise, t) - eps_mse + v_mse
+    loss = training_loss(network, x0, None, t=t, noise=noise, prediction="v")
+    assert report("hybrid loss with v (relative)", abs(loss.item() - expected.item()) / expected.item()) <= 1e-5
+    out.grad = None
+    loss.backward()                                                          # the mean learns from the v-MSE alone
+    v_true = (a.sqrt() * noise - (1 - a).sqrt() * x0).float()
+    assert torch.allclose(out.grad[:, :C], -2 * (v_true - out[:, :C].detach()) / out[:, :C].numel(), atol=1e-9)
+    # the same outputs read as eps give another loss: the prediction argument is not ignored
+    assert abs(training_loss(network, x0, None, t=t, noise=noise).item() - loss.item()) > 1e-2
 
 
 def test_hybrid_loss_precision_at_small_t():

@@ -167,7 +167,8 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys):
 
 def test_the_three_stages_run_end_to_end(tmp_path):
     common = ["--steps", "2", "--save-every", "2", *FAST]
-    train.main(["--cond", "class", "--out", str(tmp_path / "s1"), *common, "--eval-every", "2", "--eval-n", "3"])  # DiT
+    train.main(["--cond", "class", "--prediction", "v", "--out", str(tmp_path / "s1"), *common, "--eval-every", "2",
+                "--eval-n", "3"])                                               # DiT; the tiny preset's default is eps
     assert torch.load(tmp_path / "s1" / "last.pt", weights_only=True)["kind"] == "dit"
     row = json.loads((tmp_path / "s1" / "metrics.jsonl").read_text())    # stage 1 is scored on the shapes it draws
     assert {k for k in row if k.startswith("1obj_")} == {"1obj_shape", "1obj_circle", "1obj_square", "1obj_triangle"}
@@ -178,6 +179,7 @@ def test_the_three_stages_run_end_to_end(tmp_path):
     train.main(["--init", str(tmp_path / "s2" / "last.pt"), "--image-size", "64", "--out", str(tmp_path / "s3"), *common])
     m32, m64 = (pm.load_pixart(tmp_path / s / "pixart.safetensors") for s in ("s2", "s3"))
     assert (m32.config.input_size, m64.config.input_size, m64.config.pe_interpolation) == (32, 64, 2.0)
+    assert m32.config.prediction == m64.config.prediction == "v"          # the target travels with the weights
     D = m32.config.hidden_size
     # the 64 px grid's position table spans the same range: every other row and column is the 32 px table
     assert torch.allclose(m64.pos_embed.reshape(32, 32, D)[::2, ::2], m32.pos_embed.reshape(16, 16, D), atol=1e-6)
@@ -189,7 +191,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--steps", "0"], "must be positive"),
                                            (["--warmup", "0"], "--warmup must be at least 1"),
                                            (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999"),
-                                           (["--score", ".", "--data", "."], "leave out --data")])
+                                           (["--score", ".", "--data", "."], "leave out --data"),
+                                           (["--init", ".", "--prediction", "v"], "--prediction is for a new model")])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
