@@ -455,8 +455,8 @@ def main(argv=None):
         try:
             saved = read_checkpoint(args.score) if args.score.endswith(".pt") else {}
             if saved.get("kind") == "dit":                 # stage 1: its EMA weights, scored on the shapes it draws
-                model, args.cond = load_model(args.score, "class"), "class"
-                model.load_state_dict(saved["state_dict_ema"])
+                model, args.cond = DiT(pm.PixArtConfig(**saved["config"]), saved["num_classes"]), "class"
+                pm.load_strict(model, saved["state_dict_ema"], args.score)
                 model = model.to(device).eval()
             else:
                 model = pm.load_pixart(args.score, device)
@@ -474,7 +474,7 @@ def main(argv=None):
     config = pm.PixArtConfig(**{**asdict(pm.PRESETS[args.preset]), "class_dropout_prob": args.null_prob,
                                 "input_size": args.image_size // data.downscale, "in_channels": data.channels,
                                 "caption_channels": data.caption_channels,
-                                "prediction": args.prediction or pm.PRESETS[args.preset].prediction})
+                                **({"prediction": args.prediction} if args.prediction else {})})
     if args.resume:
         model = load_model(args.resume, args.cond)
     elif args.init_dit:
