@@ -419,12 +419,12 @@ def main(argv=None):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if device != "cpu":
+            torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     if args.batch_size % world:
         raise SystemExit(f"train.py: --batch-size {args.batch_size} does not split over {world} processes")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
     master, out = rank == 0, Path(args.out)
     log = print if master else (lambda *a, **k: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
