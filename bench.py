@@ -7,10 +7,10 @@
 
 Three jobs per size: (a) one transformer forward on a guided batch of 2, (b) the whole 20-step DPM-Solver++
 loop with guidance (diffusers: PixArtAlphaPipeline on prompt embeddings, returning latents), (c) one training
-step (the hybrid loss, backward, AdamW). Times are medians over --repeats after a warm-up; in (a) and (b) our
-calls and diffusers' take turns. "ratio" is ours / diffusers, so below 1 means we are faster. Peak memory is
-the most one call added on top of what was held before it: resident memory on the CPU (Linux's VmHWM, reset
-before each call), allocated memory on a GPU.
+step (the hybrid loss, backward, AdamW) on a batch of 2 on the CPU, and on a GPU of 16 384 image tokens (SIZES).
+Times are medians over --repeats after a warm-up; in (a) and (b) our calls and diffusers' take turns. "ratio"
+is ours / diffusers, so below 1 means we are faster. Peak memory is the most one call added on top of what was
+held before it: resident memory on the CPU (Linux's VmHWM, reset before each call), allocated memory on a GPU.
 Needs diffusers (requirements-test.txt); pixart-min itself never imports it.
 """
 import argparse
@@ -27,12 +27,13 @@ import pixart_min as pm
 # bf16 dense peaks in TFLOP/s, from the vendors' data sheets (without sparsity)
 PEAK_BF16 = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165}
 
-SIZES = {  # name -> (config, latent side, caption tokens)
-    "toy": (pm.PRESETS["toy"], 32, 24),
-    "XL-256": (pm.PRESETS["PixArt-XL-2-256"], 32, 120),
-    "XL-512": (pm.PRESETS["PixArt-XL-2-512"], 64, 120),
-    "XL-1024": (pm.PRESETS["PixArt-XL-2-1024-MS"], 128, 120),
+SIZES = {  # name -> (config, latent side, caption tokens, training batch on a GPU)
+    "toy": (pm.PRESETS["toy"], 32, 24, 256),
+    "XL-256": (pm.PRESETS["PixArt-XL-2-256"], 32, 120, 64),      # 16 384 image tokens a step at every size; the
+    "XL-512": (pm.PRESETS["PixArt-XL-2-512"], 64, 120, 16),      # paper's per-GPU batches were 178, 40 and 12
+    "XL-1024": (pm.PRESETS["PixArt-XL-2-1024-MS"], 128, 120, 4),
 }
+CPU_TRAIN_BATCH = 2
 
 
 def forward_flops(c, h, w, text_len):
@@ -181,13 +182,15 @@ def median_times(fns, repeats, device, warmup=None):
     return [(statistics.median(t), m) for t, m in zip(times, peaks)]
 
 
-def jobs(ours, theirs, config, side, text_len, device, dtype, steps):
+def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch):
     """name -> (our job, diffusers' job, FLOPs of one job). A job is a function of no arguments, except that
     the loops take a number of steps (their warm-up is two steps) and the training steps are built first
     (each builds its own optimiser)."""
     from diffusers import PixArtAlphaPipeline
     from tests.conftest import pixart_scheduler
     g = inputs(config, side, text_len, 2, device, dtype)           # a guided batch: null caption + caption
+    b = inputs(config, side, text_len, train_batch, device, dtype)  # a training batch
+    micro_b = dict(hw=b["hw"], ar=b["ar"]) if config.micro_condition else {}
     one = {k: v[:1] for k, v in g.items()}
     micro = dict(hw=g["hw"], ar=g["ar"]) if config.micro_condition else {}
     micro1 = dict(hw=one["hw"], ar=one["ar"]) if config.micro_condition else {}
@@ -216,7 +219,7 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
         def step():
             with autocast:
-                loss = pm.training_loss(call, g["x"].float(), g["y"], g["mask"], t=g["t"], **micro)
+                loss = pm.training_loss(call, b["x"].float(), b["y"], b["mask"], t=b["t"], **micro_b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -224,7 +227,8 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps):
 
     return {"forward": (forward(ours), forward(diffusers_call(theirs)), 2 * fwd),
             f"{steps}-step loop": (our_loop, their_loop, steps * 2 * fwd),
-            "train step": (lambda: train_step(ours, ours), lambda: train_step(theirs, diffusers_call(theirs)), 3 * 2 * fwd)}
+            "train step": (lambda: train_step(ours, ours), lambda: train_step(theirs, diffusers_call(theirs)),
+                           3 * train_batch * fwd)}
 
 
 def peak_tflops(device):
@@ -236,14 +240,15 @@ def peak_tflops(device):
 
 
 def run(size, device, repeats, steps, results, compile_=False):
-    config, side, text_len = SIZES[size]
+    config, side, text_len, gpu_batch = SIZES[size]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     ours, theirs = twins(config)
     if compile_:                                  # in place, as sample.py --compile does: both sides alike
         ours.compile()
         theirs.compile()
     peak = peak_tflops(device) if device.startswith("cuda") else None
-    for name, (mine, other, flops) in jobs(ours, theirs, config, side, text_len, device, dtype, steps).items():
+    for name, (mine, other, flops) in jobs(ours, theirs, config, side, text_len, device, dtype, steps,
+                                              gpu_batch if device.startswith("cuda") else CPU_TRAIN_BATCH).items():
         row = dict(size=size, job=name, device=device, compiled=compile_)
         training = name == "train step"
         for model in (ours, theirs):

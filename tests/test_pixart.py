@@ -132,7 +132,7 @@ def test_bench_times_the_same_work_on_both_sides():
         assert r["ours"]["seconds"] > 0 and r["diffusers"]["seconds"] > 0
         assert r["ratio"] == pytest.approx(r["ours"]["seconds"] / r["diffusers"]["seconds"])
     ours, theirs = bench.twins(PRESETS["toy"])
-    our_loop, their_loop, _ = bench.jobs(ours, theirs, PRESETS["toy"], 32, 24, "cpu", torch.float32, 3)["3-step loop"]
+    our_loop, their_loop, _ = bench.jobs(ours, theirs, PRESETS["toy"], 32, 24, "cpu", torch.float32, 3, 2)["3-step loop"]
     a, b = our_loop(), their_loop()
     assert max_err(a, b) <= 1e-4 * b.abs().max().item()
 
