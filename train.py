@@ -271,7 +271,9 @@ def evaluate(model, data, args, n_per_group, device, grid_path=None):
     rng, S = np.random.default_rng(EVAL_SEED), args.image_size
     specs = [shapes.random_spec(rng, k, held) for held in (False, True) for k in (1, 2) for _ in range(n_per_group)]
     noise = torch.randn(len(specs), data.channels, S, S, generator=torch.Generator().manual_seed(EVAL_SEED))
-    if args.cond == "class":
+    if args.cond == "class":                        # scored on one object: draw only those, with the same noise
+        keep = [i for i, s in enumerate(specs) if len(s.objects) == 1]
+        specs, noise = [specs[i] for i in keep], noise[keep]
         y, mask = torch.tensor([shapes.class_label(s) for s in specs]), None
         null_y = torch.full_like(y, model.num_classes)
     else:
@@ -286,8 +288,7 @@ def evaluate(model, data, args, n_per_group, device, grid_path=None):
         captions = [shapes.dense_caption(s) if args.cond == "text" else s.objects[0].shape for s in specs[pick]]
         save_grid(images[pick][:32], grid_path, captions=captions)
     if args.cond == "class":   # the largest object's shape, not the best of several: the colour cannot pick a match
-        pairs = [(s.objects[0].shape, found[0].shape if found else None)
-                 for s, found in zip(specs, shapes.detect(images)) if len(s.objects) == 1]
+        pairs = [(s.objects[0].shape, found[0].shape if found else None) for s, found in zip(specs, shapes.detect(images))]
         share = lambda ps: float(np.mean([asked == read for asked, read in ps])) if ps else float("nan")
         return {"1obj": {"shape": share(pairs), **{k: share([p for p in pairs if p[0] == k]) for k in shapes.SHAPES}}}
     records = shapes.evaluate_each(images, specs)
