@@ -190,14 +190,12 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch
     from tests.conftest import pixart_scheduler
     g = inputs(config, side, text_len, 2, device, dtype)           # a guided batch: null caption + caption
     b = inputs(config, side, text_len, train_batch, device, dtype)  # a training batch
-    micro_b = dict(hw=b["hw"], ar=b["ar"]) if config.micro_condition else {}
     one = {k: v[:1] for k, v in g.items()}
-    micro = dict(hw=g["hw"], ar=g["ar"]) if config.micro_condition else {}
-    micro1 = dict(hw=one["hw"], ar=one["ar"]) if config.micro_condition else {}
+    micro = lambda d: dict(hw=d["hw"], ar=d["ar"]) if config.micro_condition else {}   # 1024-MS only
     fwd = forward_flops(config, side, side, text_len)
 
     def forward(model):
-        return lambda: model(g["x"], g["t"], g["y"], g["mask"], **micro)
+        return lambda: model(g["x"], g["t"], g["y"], g["mask"], **micro(g))
 
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=theirs,
                                scheduler=pixart_scheduler("v_prediction" if config.prediction == "v" else "epsilon"))
@@ -206,7 +204,7 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch
 
     def our_loop(n=steps):
         return pm.sample(ours, noise, one["y"], one["mask"], null_y=g["y"][1:], null_mask=g["mask"][1:],
-                         steps=n, **micro1)
+                         steps=n, **micro(one))
 
     def their_loop(n=steps):
         return pipe(negative_prompt=None, prompt_embeds=one["y"], prompt_attention_mask=one["mask"], negative_prompt_embeds=g["y"][1:],
@@ -219,7 +217,7 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
         def step():
             with autocast:
-                loss = pm.training_loss(call, b["x"].float(), b["y"], b["mask"], t=b["t"], **micro_b)
+                loss = pm.training_loss(call, b["x"].float(), b["y"], b["mask"], t=b["t"], **micro(b))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
