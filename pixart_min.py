@@ -84,6 +84,7 @@ def sincos_pos_embed(dim, gh, gw, base_size, pe_interpolation):
 # ==================== The PixArt block (§2.3) =================================
 
 def modulate(x, shift, scale):
+    """adaLN's shift and scale of a normalised x (B, N, D) by (B, 1, D) vectors; scale 0 leaves x as it is."""
     return x * (1 + scale) + shift
 
 
@@ -172,7 +173,7 @@ class CaptionEmbedder(nn.Module):
 
 
 class PixArt(nn.Module):
-    """The PixArt-alpha transformer: latents, timestep and T5 caption in; noise and variance out."""
+    """The PixArt-alpha transformer: latents, timestep and T5 caption in; noise (or v) and variance out."""
     def __init__(self, config: PixArtConfig):
         super().__init__()
         c, D = config, config.hidden_size
