@@ -115,13 +115,18 @@ def read_checkpoint(path):
         raise SystemExit(f"train.py: cannot read {path} ({first}): a truncated file, or not a checkpoint?") from None
 
 
-def load_model(path, cond):
+def dit_from(ckpt, weights, source):
+    """The stage-1 DiT of one of this script's checkpoints, with its raw ("state_dict") or EMA weights."""
+    model = DiT(pm.PixArtConfig(**ckpt["config"]), ckpt["num_classes"])
+    pm.load_strict(model, ckpt[weights], source)
+    return model
+
+
+def load_model(path):
     """A model to start from: a training checkpoint of this script (its raw weights), or official weights."""
     ckpt = read_checkpoint(path) if str(path).endswith(".pt") else None
     if ckpt is not None and ckpt.get("kind") == "dit":
-        model = DiT(pm.PixArtConfig(**ckpt["config"]), ckpt["num_classes"])
-        pm.load_strict(model, ckpt["state_dict"], path)
-        return model
+        return dit_from(ckpt, "state_dict", path)
     if ckpt is not None and "y_embedder.embedding_table.weight" in ckpt:            # official DiT, e.g. DiT-XL-2-256.pt
         D, c_in, p = ckpt["x_embedder.proj.weight"].shape[:3]
         config = pm.PixArtConfig(input_size=math.isqrt(ckpt["pos_embed"].shape[1]) * p, patch_size=p, in_channels=c_in,
@@ -456,9 +461,7 @@ def main(argv=None):
         try:
             saved = read_checkpoint(args.score) if args.score.endswith(".pt") else {}
             if saved.get("kind") == "dit":                 # stage 1: its EMA weights, scored on the shapes it draws
-                model, args.cond = DiT(pm.PixArtConfig(**saved["config"]), saved["num_classes"]), "class"
-                pm.load_strict(model, saved["state_dict_ema"], args.score)
-                model = model.to(device).eval()
+                model, args.cond = dit_from(saved, "state_dict_ema", args.score).to(device).eval(), "class"
             else:
                 model = pm.load_pixart(args.score, device)
         except (OSError, ValueError) as e:
@@ -477,11 +480,11 @@ def main(argv=None):
                                 "caption_channels": data.caption_channels,
                                 **({"prediction": args.prediction} if args.prediction else {})})
     if args.resume:
-        model = load_model(args.resume, args.cond)
+        model = load_model(args.resume)
     elif args.init_dit:
-        model = reparameterize(load_model(args.init_dit, "class").eval(), t=500)
+        model = reparameterize(load_model(args.init_dit).eval(), t=500)
     elif args.init:
-        model = load_model(args.init, args.cond)
+        model = load_model(args.init)
         if not isinstance(model, DiT) and model.config.input_size != config.input_size:   # stage 3: larger pictures
             grow = config.input_size / model.config.input_size   # positions keep their span: PixArt's pe_interpolation
             sd = model.state_dict()

@@ -54,7 +54,7 @@ def test_dit_has_the_official_key_layout(tmp_path):
     # a file in that layout (plain state dict, as facebookresearch/DiT saves) loads back strictly
     small = tiny_dit()
     torch.save(small.state_dict(), tmp_path / "DiT-tiny.pt")
-    loaded = train.load_model(tmp_path / "DiT-tiny.pt", "class")
+    loaded = train.load_model(tmp_path / "DiT-tiny.pt")
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x, t, torch.tensor([1, 5])), small(x, t, torch.tensor([1, 5])))
