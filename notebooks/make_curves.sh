@@ -6,6 +6,8 @@
 # Every run sees the same number of images. With STEPS=800 each takes about 16 minutes on one CPU thread.
 # The stored curves were measured with the paper's target, the noise (--prediction epsilon), before the toy's
 # default became v; the target is set on the runs that start a new model, and the staged run inherits it.
+# They were also measured with the toy T5 as first built, before build_toy_text scaled its position biases
+# (checkpoints/toy/text_encoder at commit 22413ea): a run today reads captions through different features.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
