@@ -9,6 +9,7 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --resume runs/stage2/last.pt             # continue a killed run, step for step
   python train.py --lr-decay cosine --timesteps logit-normal   # beyond the paper's recipe: see the README
   python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
+  python train.py --score checkpoints/toy --eval-n 200 --eval-seed 4242   # the same on 800 other prompts
   python train.py --data my_images/ --t5 T5_FOLDER --vae VAE_FOLDER  # real data: features computed once
   torchrun --nproc_per_node 8 train.py ...                 # DDP across GPUs (gloo on CPUs)
 """
@@ -269,17 +270,14 @@ class FolderData:
 
 # ==================== Evaluation: sample fixed prompts, read the pictures back ====================
 
-EVAL_SEED = 1234
-
-
 @torch.no_grad()
 def evaluate(model, data, args, n_per_group, device, grid_path=None):
     """Scores of the EMA model on fixed prompts (seeded): one and two objects, seen and held-out colour-shape
     pairs. A class-conditional model knows only its class, object 0's shape: it is scored on how often the
     largest object of a one-object scene has that shape."""
-    rng, S = np.random.default_rng(EVAL_SEED), args.image_size
+    rng, S = np.random.default_rng(args.eval_seed), args.image_size
     specs = [shapes.random_spec(rng, k, held) for held in (False, True) for k in (1, 2) for _ in range(n_per_group)]
-    noise = torch.randn(len(specs), data.channels, S, S, generator=torch.Generator().manual_seed(EVAL_SEED))
+    noise = torch.randn(len(specs), data.channels, S, S, generator=torch.Generator().manual_seed(args.eval_seed))
     if args.cond == "class":                        # scored on one object: draw only those, with the same noise
         keep = [i for i, s in enumerate(specs) if len(s.objects) == 1]
         specs, noise = [specs[i] for i in keep], noise[keep]
@@ -394,6 +392,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-steps", type=int, default=20, help="sampler steps of the evaluation samples")
     p.add_argument("--eval-every", type=int, default=500, help="shapes world: score the EMA model every so often; 0: never")
     p.add_argument("--eval-n", type=int, default=16, help="prompts per group (1/2 objects, seen/held-out)")
+    p.add_argument("--eval-seed", type=int, default=1234, help="picks the evaluation's prompts and noise")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -407,6 +406,8 @@ def parse_args(argv=None):
         p.error("--steps, --batch-size and --lr must be positive")
     if not 1 <= args.eval_steps < pm.T:                            # caught now, not at the first evaluation
         p.error(f"--eval-steps must be from 1 to {pm.T - 1}, got {args.eval_steps}")
+    if args.eval_seed < 0:
+        p.error(f"--eval-seed must be 0 or more, got {args.eval_seed}")
     if args.score and args.data != "shapes":
         p.error("--score reads pictures back with the shapes world's evaluator: leave out --data")
     if args.prediction and (args.init or args.init_dit or args.resume or args.score):
@@ -472,7 +473,8 @@ def main(argv=None):
             raise SystemExit(f"train.py: --score: {e}") from None
         scores = evaluate(model, data, args, args.eval_n, device, out / "score_samples.png")
         (out / "score.json").write_text(json.dumps(dict(model=str(args.score), prompts_per_group=args.eval_n,
-                                                        cfg=args.cfg, steps=args.eval_steps, **scores), indent=1))
+                                                        seed=args.eval_seed, cfg=args.cfg, steps=args.eval_steps,
+                                                        **scores), indent=1))
         for group, s in scores.items():
             log(f"{group:10s} " + "  ".join(f"{k} {v:.1%}" for k, v in s.items() if v == v))   # v == v: not NaN
         return scores

@@ -191,6 +191,7 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--steps", "0"], "must be positive"),
                                            (["--warmup", "0"], "--warmup must be at least 1"),
                                            (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999"),
+                                           (["--eval-seed", "-1"], "--eval-seed must be 0 or more"),
                                            (["--score", ".", "--data", "."], "leave out --data"),
                                            (["--init", ".", "--prediction", "v"], "--prediction is for a new model")])
 def test_bad_arguments_are_named(argv, message, capsys):
@@ -227,6 +228,17 @@ def test_bundled_model_scores_what_the_readme_says(tmp_path, capsys):
     for key, floor in BUNDLED_FLOOR.items():
         group, metric = key.rsplit("_", 1)
         assert scores[group][metric] >= floor, (key, scores[group][metric])
+
+
+def test_eval_seed_draws_other_prompts(tmp_path):
+    """--eval-seed scores the same model on other prompts and noise, and score.json says which seed it was."""
+    for seed in (1234, 4242):
+        train.main(["--score", str(ROOT / "checkpoints" / "toy"), "--eval-n", "2", "--eval-seed", str(seed),
+                    "--out", str(tmp_path / str(seed))])
+    saved = [json.loads((tmp_path / str(seed) / "score.json").read_text()) for seed in (1234, 4242)]
+    assert [s["seed"] for s in saved] == [1234, 4242]
+    grids = [(tmp_path / str(seed) / "score_samples.png").read_bytes() for seed in (1234, 4242)]
+    assert grids[0] != grids[1]
 
 
 def test_the_bundled_text_encoder_is_what_build_toy_text_makes(tmp_path):
