@@ -9,7 +9,7 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --resume runs/stage2/last.pt             # continue a killed run, step for step
   python train.py --lr-decay cosine --timesteps logit-normal   # beyond the paper's recipe: see the README
   python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
-  python train.py --score checkpoints/toy --eval-n 200 --eval-seed 4242   # the same on 800 other prompts
+  python train.py --score checkpoints/toy --eval-n 200 --eval-seed 4242   # the same on another seeded draw
   python train.py --data my_images/ --t5 T5_FOLDER --vae VAE_FOLDER  # real data: features computed once
   torchrun --nproc_per_node 8 train.py ...                 # DDP across GPUs (gloo on CPUs)
 """
