@@ -213,10 +213,14 @@ VOCAB_SENTENCES = vocab_sentences()
 
 # ==================== Batches ====================
 
-def sample_batch(n, rng, size=32, n_objects=None, held_out=False):
+def sample_batch(n, rng, size=32, n_objects=None, held_out=False, two_share=None):
     """n random scenes: (images (n, 3, size, size) float in [-1, 1], dense captions, sparse captions,
-    class labels (n,) long, specs). rng is a numpy Generator; the same seed gives the same batch."""
-    specs = [random_spec(rng, n_objects, held_out) for _ in range(n)]
+    class labels (n,) long, specs). rng is a numpy Generator; the same seed gives the same batch.
+    n_objects: 1 or 2 for every scene, or None for either alike; two_share instead: the chance of two."""
+    if two_share is not None and n_objects is not None:
+        raise ValueError("give n_objects or two_share, not both")
+    counts = [n_objects] * n if two_share is None else [1 + int(rng.random() < two_share) for _ in range(n)]
+    specs = [random_spec(rng, k, held_out) for k in counts]
     images = np.stack([draw(s, size) for s in specs])                        # (n, size, size, 3) uint8
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1  # (n, 3, H, W)
     dense = [dense_caption(s) for s in specs]
@@ -345,7 +349,7 @@ def _score(spec, found):
     rec = {"n_objects": len(want), "count": len(found) == len(want)}
     for attr in ("color", "shape", "size"):
         rec[attr] = [f is not None and getattr(f, attr) == getattr(o, attr) for o, f in zip(want, match)]
-    rec["shapes"] = [(o.shape, None if f is None else f.shape) for o, f in zip(want, match)]   # (asked, read)
+    rec["shapes"] = [(o.shape, o.size, None if f is None else f.shape) for o, f in zip(want, match)]
     rec["relation"] = None
     if len(want) == 2:
         rec["relation"] = None not in match and relation_of(*match) == spec.relation
@@ -356,7 +360,8 @@ def _score(spec, found):
 
 def evaluate_each(images, specs):
     """One record per image: {"n_objects", "count", "color": [bool per object], "shape", "size",
-    "shapes": [(shape asked, shape read or None) per object], "relation" (bool, None for one object), "all"}.
+    "shapes": [(shape asked, size asked, shape read or None) per object], "relation" (bool, None for one
+    object), "all"}.
     Filter them and pass them to summarize()."""
     assert len(images) == len(specs), f"{len(images)} images but {len(specs)} specs"
     return [_score(spec, found) for spec, found in zip(specs, detect(images))]
@@ -366,15 +371,19 @@ def summarize(records):
     """Accuracies in [0, 1]: count, color/shape/size (over objects), relation (two-object scenes; NaN
     if none), all (every attribute of the scene right), and shape per shape asked ("circle": the share of
     circles asked for that were read back as circles; NaN if none): a model that draws every object as the
-    same blob scores about 1, 0, 0 there, while its overall shape score sits at chance."""
+    same blob scores about 1, 0, 0 there, while its overall shape score sits at chance. "small_shape" and
+    "large_shape": the share of small (large) objects asked for whose shape was read back right."""
     out = {k: float(np.mean([r[k] for r in records])) for k in ("count", "all")}
     for k in ("color", "shape", "size"):
         out[k] = float(np.mean([ok for r in records for ok in r[k]]))
     rel = [r["relation"] for r in records if r["relation"] is not None]
     out["relation"] = float(np.mean(rel)) if rel else float("nan")
     for s in SHAPES:
-        right = [read == s for r in records for asked, read in r["shapes"] if asked == s]
+        right = [read == s for r in records for asked, _, read in r["shapes"] if asked == s]
         out[s] = float(np.mean(right)) if right else float("nan")
+    for z in SIZES:
+        right = [read == asked for r in records for asked, size, read in r["shapes"] if size == z]
+        out[f"{z}_shape"] = float(np.mean(right)) if right else float("nan")
     return out
 
 

@@ -184,7 +184,7 @@ class ShapesData:
         self.caption_channels = pm.PRESETS["toy"].caption_channels
 
     def batch(self, rng, n):
-        images, dense, sparse, labels, specs = shapes.sample_batch(n, rng, self.args.image_size)
+        images, dense, sparse, labels, specs = shapes.sample_batch(n, rng, self.args.image_size, two_share=self.args.two_objects)
         if self.args.cond == "class":
             return dict(x0=images, y=labels, mask=None)
         y, mask = self.text(dense if self.args.captions == "dense" else sparse)
@@ -366,6 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="real data: the VAE folder or hub id to precompute latents with")
     p.add_argument("--cond", choices=["text", "class"], default="text", help="class: stage 1's class-conditional DiT")
     p.add_argument("--captions", choices=["dense", "sparse"], default="dense", help="shapes world: caption style")
+    p.add_argument("--two-objects", type=float, help="shapes world: share of two-object scenes (default: "
+                   "one or two objects alike)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--preset", default="toy", choices=list(pm.PRESETS), help="model size")
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
@@ -406,6 +408,8 @@ def parse_args(argv=None):
         p.error("--steps, --batch-size and --lr must be positive")
     if not 1 <= args.eval_steps < pm.T:                            # caught now, not at the first evaluation
         p.error(f"--eval-steps must be from 1 to {pm.T - 1}, got {args.eval_steps}")
+    if args.two_objects is not None and not 0 <= args.two_objects <= 1:
+        p.error(f"--two-objects is a share, from 0 to 1, got {args.two_objects}")
     if args.eval_seed < 0:
         p.error(f"--eval-seed must be 0 or more, got {args.eval_seed}")
     if args.score and args.data != "shapes":

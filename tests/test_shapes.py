@@ -124,6 +124,16 @@ def test_sample_batch_shapes_ranges_and_determinism():
     assert x64.shape == (4, 3, 64, 64)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.75, 1.0])
+def test_two_share_sets_how_many_scenes_have_two_objects(share):
+    *_, spec_list = shapes.sample_batch(400, np.random.default_rng(0), size=16, two_share=share)
+    twos = sum(len(s.objects) == 2 for s in spec_list) / 400
+    assert abs(twos - share) < 0.06                               # 400 draws: about 2 standard errors at 0.75
+    assert all((s.relation is None) == (len(s.objects) == 1) for s in spec_list)
+    with pytest.raises(ValueError, match="n_objects or two_share, not both"):
+        shapes.sample_batch(4, np.random.default_rng(0), n_objects=1, two_share=share)
+
+
 # ---------------------------------------------------------------------------- captions
 
 def test_dense_captions_name_every_attribute_and_the_relation():
@@ -167,7 +177,8 @@ def test_vocab_sentences_cover_every_caption_word():
 def test_evaluator_reads_ground_truth(size):
     spec_list = specs(400, seed=10) + specs(200, seed=11, held_out=True)
     scores = shapes.evaluate(images(spec_list, size), spec_list)
-    assert set(scores) == {"count", "color", "shape", "size", "relation", "all", *SHAPES}
+    assert set(scores) == {"count", "color", "shape", "size", "relation", "all", *SHAPES,
+                           "small_shape", "large_shape"}
     assert all(v >= 0.99 for v in scores.values()), scores
 
 
@@ -231,6 +242,14 @@ def test_shape_per_shape_asked_shows_a_model_that_draws_one_shape():
     scores = shapes.evaluate(images([altered(s, shape="circle") for s in one]), one)   # circles for everything
     assert scores["circle"] == 1.0 and scores["square"] == scores["triangle"] == 0.0, scores
     assert 0.2 < scores["shape"] < 0.5                                          # overall: about chance
+
+
+def test_shape_per_size_asked_shows_where_shapes_go_wrong():
+    one = specs(90, seed=24, n_objects=1)
+    wrong_when_small = [altered(s, shape=SHAPES[SHAPES.index(s.objects[0].shape) - 1])
+                        if s.objects[0].size == "small" else s for s in one]
+    scores = shapes.evaluate(images(wrong_when_small), one)
+    assert scores["small_shape"] == 0.0 and scores["large_shape"] == 1.0, scores
 
 
 def test_noise_and_blank_images_score_nothing():

@@ -192,6 +192,7 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--warmup", "0"], "--warmup must be at least 1"),
                                            (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999"),
                                            (["--eval-seed", "-1"], "--eval-seed must be 0 or more"),
+                                           (["--two-objects", "1.5"], "--two-objects is a share, from 0 to 1"),
                                            (["--score", ".", "--data", "."], "leave out --data"),
                                            (["--init", ".", "--prediction", "v"], "--prediction is for a new model")])
 def test_bad_arguments_are_named(argv, message, capsys):
