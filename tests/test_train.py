@@ -212,18 +212,19 @@ def test_a_truncated_checkpoint_is_named(tmp_path, flag):
     assert f"cannot read {bad}" in str(e.value.code) and "truncated" in str(e.value.code)
 
 
-# measured: one object all correct 96.9% (31 of 32) and shape 96.9%; two objects count 100%, relation 100% and all
-# correct 81.2% (26 of 32); held-out pairs 96.9% (one object) and 53.1% (two). The floors for one and two objects
-# all correct are the issue's targets, 90% and 70%; the README measures them on 200 prompts. The model before the
-# text encoder's fix (commit 22413ea) scored 15.6% two objects all correct on this sample.
+# measured: one object all correct 98.4% (63 of 64) and shape 100%; two objects count 98.4%, relation 98.4% and all
+# correct 82.8% (53 of 64); held-out pairs 90.6% (one object) and 51.6% (two). The floors for one and two objects
+# all correct are the issue's targets, 90% and 70%; the README measures them on 4 x 200 prompts. 64 prompts, not
+# 32: with --eval-n 32 this model scores 71.9% two objects, a single prompt above the target, where other CPUs'
+# rounding could tip it. The model before the text encoder's fix (commit 22413ea) scores 12.5% here.
 BUNDLED_FLOOR = {"1obj_all": 0.9, "1obj_shape": 0.9, "2obj_count": 0.9, "2obj_relation": 0.9, "2obj_all": 0.7,
-                 "held_1obj_all": 0.9, "held_2obj_all": 0.43}
+                 "held_1obj_all": 0.85, "held_2obj_all": 0.45}
 
 
 def test_bundled_model_scores_what_the_readme_says(tmp_path, capsys):
-    """The bundled toy model, scored by `train.py --score` on a small fixed sample (32 prompts a group, seeded).
-    The floors are this sample's measured figures, less a margin for other CPUs' rounding."""
-    scores = train.main(["--score", str(ROOT / "checkpoints" / "toy"), "--eval-n", "32", "--out", str(tmp_path)])
+    """The bundled toy model, scored by `train.py --score` on a small fixed sample (64 prompts a group, seeded).
+    The floors are the targets, or this sample's measured figures less a margin for other CPUs' rounding."""
+    scores = train.main(["--score", str(ROOT / "checkpoints" / "toy"), "--eval-n", "64", "--out", str(tmp_path)])
     assert (tmp_path / "score.json").exists() and (tmp_path / "score_samples.png").exists()
     assert "1obj" in capsys.readouterr().out
     for key, floor in BUNDLED_FLOOR.items():
