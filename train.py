@@ -184,7 +184,8 @@ class ShapesData:
         self.caption_channels = pm.PRESETS["toy"].caption_channels
 
     def batch(self, rng, n):
-        images, dense, sparse, labels, specs = shapes.sample_batch(n, rng, self.args.image_size, two_share=self.args.two_objects)
+        images, dense, sparse, labels, specs = shapes.sample_batch(n, rng, self.args.image_size,
+                                                                   two_share=self.args.two_objects)
         if self.args.cond == "class":
             return dict(x0=images, y=labels, mask=None)
         y, mask = self.text(dense if self.args.captions == "dense" else sparse)
