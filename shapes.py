@@ -378,12 +378,14 @@ def summarize(records):
         out[k] = float(np.mean([ok for r in records for ok in r[k]]))
     rel = [r["relation"] for r in records if r["relation"] is not None]
     out["relation"] = float(np.mean(rel)) if rel else float("nan")
+
+    def shape_right(keep):          # of the objects asked for that keep(shape, size) picks: the share read right
+        right = [read == asked for r in records for asked, size, read in r["shapes"] if keep(asked, size)]
+        return float(np.mean(right)) if right else float("nan")
     for s in SHAPES:
-        right = [read == s for r in records for asked, _, read in r["shapes"] if asked == s]
-        out[s] = float(np.mean(right)) if right else float("nan")
+        out[s] = shape_right(lambda asked, size: asked == s)
     for z in SIZES:
-        right = [read == asked for r in records for asked, size, read in r["shapes"] if size == z]
-        out[f"{z}_shape"] = float(np.mean(right)) if right else float("nan")
+        out[f"{z}_shape"] = shape_right(lambda asked, size: size == z)
     return out
 
 
