@@ -413,6 +413,9 @@ def parse_args(argv=None):
         p.error(f"--two-objects is a share, from 0 to 1, got {args.two_objects}")
     if args.eval_seed < 0:
         p.error(f"--eval-seed must be 0 or more, got {args.eval_seed}")
+    if args.data != "shapes" and (args.cond == "class" or args.captions != "dense" or args.two_objects is not None):
+        p.error("--cond class, --captions sparse and --two-objects are for the shapes world: "
+                "a folder has its own captions")
     if args.score and args.data != "shapes":
         p.error("--score reads pictures back with the shapes world's evaluator: leave out --data")
     if args.prediction and (args.init or args.init_dit or args.resume or args.score):

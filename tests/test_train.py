@@ -193,6 +193,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999"),
                                            (["--eval-seed", "-1"], "--eval-seed must be 0 or more"),
                                            (["--two-objects", "1.5"], "--two-objects is a share, from 0 to 1"),
+                                           (["--data", ".", "--two-objects", ".5"], "are for the shapes world"),
+                                           (["--data", ".", "--cond", "class"], "are for the shapes world"),
                                            (["--score", ".", "--data", "."], "leave out --data"),
                                            (["--init", ".", "--prediction", "v"], "--prediction is for a new model")])
 def test_bad_arguments_are_named(argv, message, capsys):
