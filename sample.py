@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixart_min import T, T5TextEncoder, load_pixart, local_folder, sample
-from vae import AutoencoderKL, Pixels
+from vae import VAE_FILES, AutoencoderKL, Pixels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE = ["transformer", "text_encoder", "tokenizer", "vae"]  # the folders of a diffusers pipeline we read
@@ -120,7 +120,7 @@ def check_args(args, error):
             error(f"no such checkpoint file: {args.ckpt}")
         if args.ckpt:
             args.t5 = local_folder(args.t5, ["text_encoder/*", "tokenizer/*", "spiece.model", "config.json", "model*"])
-            args.vae = local_folder(args.vae, ["vae/*", "config.json", "diffusion_pytorch_model*"])
+            args.vae = local_folder(args.vae, VAE_FILES)
     except FileNotFoundError as e:
         error(str(e))
     return prompts

@@ -10,6 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pixart_min import local_folder
+
+VAE_FILES = ["vae/*", "config.json", "diffusion_pytorch_model*"]   # what to download of a hub id: the VAE alone
+
 
 def GroupNorm(groups, channels):
     return nn.GroupNorm(groups, channels, eps=1e-6)  # eps 1e-6 everywhere in the LDM autoencoder
@@ -183,8 +187,8 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None):
-        """Load a diffusers VAE folder (config.json + weights), or a pipeline folder that holds vae/."""
-        folder = Path(folder)
+        """Load a diffusers VAE folder (config.json + weights), a pipeline folder that holds vae/, or a hub id."""
+        folder = local_folder(folder, VAE_FILES)
         if (folder / "vae" / "config.json").is_file():
             folder = folder / "vae"
         if not (folder / "config.json").is_file():
@@ -221,7 +225,7 @@ class AutoencoderKL(nn.Module):
 
 
 class Pixels(nn.Module):
-    """The toy world's "autoencoder": the latents are the pixels themselves (DESIGN §3), so nothing is learned."""
+    """The toy world's "autoencoder": the latents are the pixels themselves, so nothing is learned."""
     scaling_factor, downscale, latent_channels = 1.0, 1, 3
 
     def encode(self, images):

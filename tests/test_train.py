@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -141,7 +142,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4
 
 
-def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys):
+def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys, monkeypatch):
+    """Real data, with --t5 and --vae given as hub ids: the hub is a stand-in that hands out local folders."""
     data = tmp_path / "photos"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -150,9 +152,10 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys):
         (data / f"{i}.txt").write_text(f"a photo number {i} of a red circle")
     (data / "broken.png").write_bytes(b"not a png at all")
     (data / "broken.txt").write_text("a broken file")
-    t5 = write_t5_dir(tmp_path / "t5")
-    diffusers_vae().save_pretrained(tmp_path / "vae")
-    train.main(["--data", str(data), "--t5", str(t5), "--vae", str(tmp_path / "vae"), "--image-size", "64",
+    hub = {"test-org/t5": write_t5_dir(tmp_path / "t5"), "test-org/vae": tmp_path / "vae"}
+    diffusers_vae().save_pretrained(hub["test-org/vae"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns: str(hub[repo]))
+    train.main(["--data", str(data), "--t5", "test-org/t5", "--vae", "test-org/vae", "--image-size", "64",
                 "--out", str(tmp_path / "run"), "--steps", "3", "--save-every", "3", *FAST, "--eval-every", "3"])
     out = capsys.readouterr().out
     assert "precomputed 6 images" in out and "skipped 1 unreadable" in out
