@@ -5,7 +5,7 @@ and a position; two objects also have a spatial relation. `sample_batch` draws a
 dense caption ("a small blue square above a large yellow triangle"), a sparse LAION-like caption ("blue
 thing, 4k"), a class label (object 0's shape) and the scene spec. `evaluate` segments generated images by
 palette colour and scores count, colour, shape, size and relation against the specs: our small
-T2I-CompBench (DESIGN.md §3). Plain numpy, no downloads, thousands of images per second on one core.
+T2I-CompBench. Plain numpy, no downloads, thousands of images per second on one core.
 """
 import itertools
 from dataclasses import asdict, dataclass, field

@@ -324,7 +324,8 @@ def save_grid(images, path, cols=8, scale=4, captions=None):
 # ==================== The schedule of one run: learning rate and timesteps ====================
 
 def learning_rate(step, args):
-    """Linear warm-up to --lr; then constant (the paper), or a half cosine down to 0 at --steps."""
+    """Linear warm-up to --lr, then constant (the paper); with --lr-decay cosine, all of it times a half cosine
+    that falls from 1 at step 0 to 0 at --steps."""
     lr = args.lr * min(1.0, (step + 1) / args.warmup)
     if args.lr_decay == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -381,8 +382,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
-                   help="cosine: after warm-up, lower the lr along a half cosine to 0 at --steps (a resumed run given a "
-                        "longer --steps stretches it)")
+                   help="cosine: multiply the lr by a half cosine, from 1 at step 0 to 0 at --steps (a resumed run "
+                        "given a longer --steps stretches it)")
     p.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform",
                    help="how training draws t: uniform (the paper), or logit-normal, most often near t=500")
     p.add_argument("--prediction", choices=["epsilon", "v"],

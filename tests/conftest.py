@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny, seeded stand-ins for every hub download (DESIGN.md §5).
+"""Shared test helpers: tiny, seeded stand-ins for every hub download.
 
 Nothing here touches the network. Each reference model (diffusers' PixArt transformer, VAE and
 scheduler; transformers' T5 encoder and tokenizer) is built small, with random but seeded weights,
