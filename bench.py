@@ -1,6 +1,6 @@
 """Speed and memory of pixart-min against diffusers, on identical random weights and inputs, in one process.
 
-    python bench.py                      # CPU: the toy model and PixArt-XL-2 at 256 px (about 10 minutes)
+    python bench.py                      # CPU: the toy model and PixArt-XL-2 at 256 px (about 20 minutes)
     python bench.py --sizes toy          # a quick look
     python bench.py --device cuda        # GPU, bf16: 256, 512 and 1024 px, with TFLOP/s and share of peak
     python bench.py --compile            # both models torch.compile'd first (the warm-up pays for compiling)
@@ -8,9 +8,13 @@
 Three jobs per size: (a) one transformer forward on a guided batch of 2, (b) the whole 20-step DPM-Solver++
 loop with guidance (diffusers: PixArtAlphaPipeline on prompt embeddings, returning latents), (c) one training
 step (the hybrid loss, backward, AdamW) on a batch of 2 on the CPU, and on a GPU of 16 384 image tokens (SIZES).
-Times are medians over --repeats after a warm-up; in (a) and (b) our calls and diffusers' take turns. "ratio"
-is ours / diffusers, so below 1 means we are faster. Peak memory is the most one call added on top of what was
-held before it: resident memory on the CPU (Linux's VmHWM, reset before each call), allocated memory on a GPU.
+Times are medians over --repeats after a warm-up; our calls and diffusers' take turns, except in XL training
+steps: two optimisers' state do not fit side by side in this machine's 23 GB, so one side runs after the other,
+in the order ours, theirs, theirs, ours, and each side's time is the mean of its two medians. "ratio"
+is ours / diffusers, so below 1 means we are faster. Peak memory is the most one call needs on top of what was
+allocated before it, measured in one extra, untimed call (for the loops a 2-step loop, which holds as much as a
+20-step one): on a GPU what torch's allocator reports, on the CPU the most bytes of tensors the call has made
+that are alive at once (TensorBytes; not measured for compiled models, whose buffers it cannot see).
 Needs diffusers (requirements-test.txt); pixart-min itself never imports it.
 """
 import argparse
@@ -18,9 +22,12 @@ import gc
 import json
 import statistics
 import time
+import weakref
 from dataclasses import replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import pixart_min as pm
 
@@ -122,63 +129,67 @@ def inputs(config, side, text_len, batch, device, dtype, seed=0):
     return dict(x=to(x), y=to(y), mask=to(mask, False), t=to(t, False), hw=to(hw), ar=to(ar))
 
 
-def resident_bytes(field="VmRSS"):
-    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from Linux's /proc/self/status;
-    NaN elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-    except OSError:
-        return float("nan")
-
-
-class Peak:
-    """The most memory the timed calls add on top of what was held before them (the weights, and for training
-    the optimiser state made in the warm-up), in bytes."""
-    def __init__(self, device):
-        self.device = device
-
+class TensorBytes(TorchDispatchMode):
+    """Counts, op by op, the bytes of the tensors made inside it, from each new storage's creation until it is
+    freed, and keeps the most alive at once: on the CPU the counterpart of torch.cuda.max_memory_allocated
+    (less what kernels allocate for themselves inside). Views and in-place results reuse a storage: not new."""
     def __enter__(self):
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:      # Linux: reset VmHWM (the peak) to now
-                    f.write("5")
-            except OSError:                                         # elsewhere the peak reads NaN
-                pass
-            self.start = resident_bytes("VmRSS")
-        return self
+        self.now, self.peak, self.live = 0, 0, {}
+        return super().__enter__()
 
-    def __exit__(self, *exc):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.bytes = resident_bytes("VmHWM") - self.start
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in before and key not in self.live:   # a new storage: counted from now
+                    self.live[key] = weakref.ref(storage, lambda _, key=key, size=size: self.free(key, size))
+                    self.now += size
+                    self.peak = max(self.peak, self.now)
+        return out
 
+    def free(self, key, size):
+        """Called by the weakref when that storage is freed."""
+        del self.live[key]
+        self.now -= size
+
+
+def peak_bytes(fn, device):
+    """The most memory one call of fn adds on top of what was held before it: on a GPU what torch's allocator
+    reports, on the CPU what TensorBytes counts."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with TensorBytes() as counted:
+        fn()
+    return counted.peak
 
 
 def median_times(fns, repeats, device, warmup=None):
     """[(median wall time, peak memory)] of each fn in fns over repeats. One call of warmup(fn) (default fn
-    itself) each first pays for one-time costs: allocations, kernel choice, caches. The timed calls take turns
-    (ours, theirs, theirs, ours, ...), so a machine that slows down for a while slows both sides alike."""
+    itself) each first pays for one-time costs: allocations, kernel choice, caches; one more, untimed, measures
+    the memory (peak_bytes). The timed calls take turns (ours, theirs, theirs, ours, ...), so a machine that
+    slows down for a while slows both sides alike."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for fn in fns:
-        (warmup(fn) if warmup else fn)()
-    sync()
-    times, peaks = [[] for _ in fns], [0] * len(fns)
+    untimed = [warmup(fn) if warmup else fn for fn in fns]
+    for fn in untimed:
+        fn()
+    peaks = [peak_bytes(fn, device) for fn in untimed]
+    times = [[] for _ in fns]
     for r in range(repeats):
         for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
-            with Peak(device) as peak:
-                start = time.perf_counter()
-                fns[i]()
-                sync()
-                times[i].append(time.perf_counter() - start)
-            peaks[i] = max(peaks[i], peak.bytes)
+            sync()
+            start = time.perf_counter()
+            fns[i]()
+            sync()
+            times[i].append(time.perf_counter() - start)
     return [(statistics.median(t), m) for t, m in zip(times, peaks)]
 
 
@@ -218,9 +229,9 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch
         def step():
             with autocast:
                 loss = pm.training_loss(call, b["x"].float(), b["y"], b["mask"], t=b["t"], **micro(b))
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            opt.zero_grad(set_to_none=True)   # nothing held between steps: each call's gradients count as its own
         return step
 
     return {"forward": (forward(ours), forward(diffusers_call(theirs)), 2 * fwd),
@@ -252,8 +263,13 @@ def run(size, device, repeats, steps, results, compile_=False):
         for model in (ours, theirs):
             model.to(device, torch.float32 if training else dtype).train(training).requires_grad_(training)
         with torch.set_grad_enabled(training):
-            if training:      # one side at a time: two optimisers' state do not fit side by side at XL on a CPU
-                timed = [median_times([job()], repeats, device)[0] for job in (mine, other)]
+            if training and size != "toy":   # XL: two optimisers' state do not fit side by side in 23 GB, so
+                runs = [[], []]              # one side at a time; each side runs once early and once late, since
+                for i in (0, 1, 1, 0):       # on this CPU the side that ran second was faster
+                    runs[i].append(median_times([(mine, other)[i]()], repeats, device)[0])
+                timed = [(statistics.mean(t for t, _ in r), max(m for _, m in r)) for r in runs]
+            elif training:
+                timed = median_times([mine(), other()], repeats, device)
             else:
                 warmup = (lambda fn: lambda: fn(2)) if "loop" in name else None
                 timed = median_times([mine, other], repeats, device, warmup)
@@ -261,12 +277,14 @@ def run(size, device, repeats, steps, results, compile_=False):
             model.to("cpu").eval().requires_grad_(False)
         gc.collect()
         for who, (seconds, memory) in zip(("ours", "diffusers"), timed):
+            if compile_ and not device.startswith("cuda"):       # compiled code allocates past TensorBytes
+                memory = float("nan")
             row[who] = dict(seconds=seconds, peak_mib=memory / 2 ** 20, tflops=flops / seconds / 1e12)
         row["ratio"] = row["ours"]["seconds"] / row["diffusers"]["seconds"]
         row["memory_ratio"] = row["ours"]["peak_mib"] / max(row["diffusers"]["peak_mib"], 1e-9)
         line = (f"{size:8s} {name:14s} ours {row['ours']['seconds'] * 1e3:9.1f} ms  diffusers "
                 f"{row['diffusers']['seconds'] * 1e3:9.1f} ms  ratio {row['ratio']:.2f}   peak MiB ours "
-                f"{row['ours']['peak_mib']:7.0f} diffusers {row['diffusers']['peak_mib']:7.0f}")
+                f"{row['ours']['peak_mib']:7.1f} diffusers {row['diffusers']['peak_mib']:7.1f}")
         if peak:
             line += f"   ours {row['ours']['tflops']:.0f} TFLOP/s = {100 * row['ours']['tflops'] / peak:.0f}% of bf16 peak"
         print(line, flush=True)

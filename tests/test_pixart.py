@@ -137,6 +137,27 @@ def test_bench_times_the_same_work_on_both_sides():
     assert max_err(a, b) <= 1e-4 * b.abs().max().item()
 
 
+def test_tensor_bytes_counts_the_tensors_alive_at_once():
+    """bench.TensorBytes, the CPU's peak memory: new storages count from creation to release, including the
+    ones only autograd still holds; views and in-place results are not new memory."""
+    with bench.TensorBytes() as counted:
+        a = torch.ones(1000)                                      # 4000 bytes
+        b = a * 2                                                 # 8000 alive
+        del b
+        c = (a + 1).view(10, 100)                                 # 8000 again
+        c.add_(1)
+    assert (counted.peak, counted.now) == (8000, 8000)
+    w = torch.randn(1000, 1000, requires_grad=True)
+    with bench.TensorBytes() as counted:
+        x = torch.randn(10, 1000)
+        s = (x @ w).exp().sum()             # autograd keeps x (for w's gradient) and exp's result, not x @ w
+        del x
+        held = counted.now
+        s.backward()
+    assert held == 2 * 10 * 1000 * 4 + 4 and counted.now == w.numel() * 4 + 4     # then: w.grad and s
+    assert counted.peak >= counted.now + 10 * 1000 * 4                 # the gradient of x @ w, alive for a while
+
+
 @contextlib.contextmanager
 def no_random_init():
     """Skip torch's and our random initialisation while building 0.6B models. Every weight is overwritten
@@ -306,7 +327,7 @@ def test_null_caption_depends_on_the_format(pipeline_dir, tiny_sd, tmp_path):
 
     official = load_pixart(save_pth(tmp_path / "x.pth", tiny_sd), num_heads=2)
     assert official.has_null_caption is True
-    # without null_y the official guidance: the learned null caption, with the prompt's own mask
+    # without null_y the official guidance: the model's fixed null caption, with the prompt's own mask
     null_y = official.y_embedder.y_embedding[None].expand_as(y)
     assert torch.equal(sample(official, x, y, mask, steps=3),
                        sample(official, x, y, mask, null_y=null_y, null_mask=mask, steps=3))
