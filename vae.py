@@ -4,7 +4,6 @@
 import inspect
 import json
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
