@@ -465,7 +465,10 @@ def main(argv=None):
             if not (args.t5 and args.vae):
                 raise SystemExit(f"train.py: {args.data} has no precomputed features yet: give --t5 and --vae")
             if master:
-                precompute(args.data, cache, args.t5, args.vae, args.image_size, device)
+                try:
+                    precompute(args.data, cache, args.t5, args.vae, args.image_size, device)
+                except FileNotFoundError as e:                 # a --t5 or --vae that is neither here nor on the hub
+                    raise SystemExit(f"train.py: {e}") from None
             if ddp:
                 dist.barrier()
         data = FolderData(cache)

@@ -168,6 +168,16 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys, monkeypat
     assert len(losses(tmp_path / "run")) == 3
 
 
+def test_a_missing_t5_or_vae_is_named(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red circle")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(tmp_path), "--t5", str(tmp_path / "t5"), "--vae", str(tmp_path / "vae"),
+                    "--out", str(tmp_path / "run")])
+    assert str(e.value.code) == f"train.py: no such file or folder: {tmp_path / 'vae'}"
+    assert not (tmp_path / ".pixart_cache").exists()
+
+
 def test_the_three_stages_run_end_to_end(tmp_path):
     common = ["--steps", "2", "--save-every", "2", *FAST]
     train.main(["--cond", "class", "--prediction", "v", "--out", str(tmp_path / "s1"), *common, "--eval-every", "2",
