@@ -324,8 +324,8 @@ def save_grid(images, path, cols=8, scale=4, captions=None):
 # ==================== The schedule of one run: learning rate and timesteps ====================
 
 def learning_rate(step, args):
-    """Linear warm-up to --lr, then constant (the paper); with --lr-decay cosine, all of it times a half cosine
-    that falls from 1 at step 0 to 0 at --steps."""
+    """Linear warm-up to --lr, then constant (the paper). With --lr-decay cosine that rate, warm-up included, is
+    multiplied by 0.5 * (1 + cos(pi * step / --steps)), which falls from 1 at step 0 to 0 at --steps."""
     lr = args.lr * min(1.0, (step + 1) / args.warmup)
     if args.lr_decay == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
