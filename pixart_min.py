@@ -412,12 +412,15 @@ def tokenize(sp, prompts, max_length=120):
     return ids, mask
 
 
+T5_FILES = ["text_encoder/*", "tokenizer/*", "spiece.model", "config.json", "model*"]   # what a hub id's download needs
+
+
 class T5TextEncoder:
     """Prompts -> (features (B, L, C), mask (B, L)) with transformers' T5EncoderModel, frozen (§2.4)."""
     def __init__(self, path, device="cpu", dtype=torch.float32, max_length=120, load_in_8bit=False):
         import sentencepiece
         from transformers import T5EncoderModel
-        root = local_folder(path, ["text_encoder/*", "tokenizer/*", "spiece.model", "config.json", "model*"])
+        root = local_folder(path, T5_FILES)
         spm = next((f for f in (root / "tokenizer" / "spiece.model", root / "spiece.model") if f.exists()), None)
         if spm is None:
             raise FileNotFoundError(f"no spiece.model in {root} or {root / 'tokenizer'}")

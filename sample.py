@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixart_min import T, T5TextEncoder, load_pixart, local_folder, sample
+from pixart_min import T, T5_FILES, T5TextEncoder, load_pixart, local_folder, sample
 from vae import VAE_FILES, AutoencoderKL, Pixels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,7 +119,7 @@ def check_args(args, error):
         if args.ckpt and not Path(args.ckpt).is_file():
             error(f"no such checkpoint file: {args.ckpt}")
         if args.ckpt:
-            args.t5 = local_folder(args.t5, ["text_encoder/*", "tokenizer/*", "spiece.model", "config.json", "model*"])
+            args.t5 = local_folder(args.t5, T5_FILES)
             args.vae = local_folder(args.vae, VAE_FILES)
     except FileNotFoundError as e:
         error(str(e))
