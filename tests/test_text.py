@@ -15,7 +15,7 @@ import sentencepiece
 import torch
 
 import pixart_min
-from conftest import hf_t5_tokenizer
+from conftest import hf_t5_tokenizer, report
 
 LONG = ", ".join(["a large red circle above a small blue triangle next to a green square"] * 12)
 
@@ -120,7 +120,7 @@ def test_text_encoder_matches_transformers(layout, t5_dir, pipeline_dir):
     assert features.shape == (3, 120, ref_model.config.d_model)
     assert features.dtype == torch.float32
     assert torch.equal(mask2.cpu(), ref_mask)
-    err = (features - ref).abs().max().item()
+    err = report(f"T5TextEncoder, {layout}", (features - ref).abs().max().item())
     assert err <= 1e-6, f"max abs error {err}"
     assert ref.abs().max() > 0.1, "features this small would make the comparison meaningless"
 
