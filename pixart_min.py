@@ -319,7 +319,7 @@ def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None,
 
 
 def timesteps(steps, start=T - 1):
-    """The sampling grid of PixArt's hub scheduler ("linspace" spacing): e.g. 999, 949, ..., 49 for 20 steps."""
+    """The sampling grid of PixArt's hub scheduler ("linspace" spacing): e.g. 999, 949, ..., 100, 50 for 20 steps."""
     return torch.linspace(0, start, steps + 1, dtype=torch.float64).round().flip(0)[:-1].long()
 
 

@@ -10,7 +10,7 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --lr-decay cosine --timesteps logit-normal   # beyond the paper's recipe: see the README
   python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
   python train.py --score checkpoints/toy --eval-n 200 --eval-seed 4242   # the same on another seeded draw
-  python train.py --data my_images/ --t5 T5_FOLDER --vae VAE_FOLDER  # real data: features computed once
+  python train.py --data my_images/ --t5 T5 --vae VAE --preset PixArt-XL-2-256 --image-size 256   # real data
   torchrun --nproc_per_node 8 train.py ...                 # DDP across GPUs (gloo on CPUs)
 """
 import argparse
@@ -116,9 +116,11 @@ def read_checkpoint(path):
         raise SystemExit(f"train.py: cannot read {path} ({first}): a truncated file, or not a checkpoint?") from None
 
 
-def dit_from(ckpt, weights, source):
-    """The stage-1 DiT of one of this script's checkpoints, with its raw ("state_dict") or EMA weights."""
-    model = DiT(pm.PixArtConfig(**ckpt["config"]), ckpt["num_classes"])
+def model_from(ckpt, weights, source):
+    """The model of one of this script's checkpoints (a stage-1 DiT or a PixArt), with its raw ("state_dict") or
+    EMA weights."""
+    config = pm.PixArtConfig(**ckpt["config"])
+    model = DiT(config, ckpt["num_classes"]) if ckpt["kind"] == "dit" else pm.PixArt(config)
     pm.load_strict(model, ckpt[weights], source)
     return model
 
@@ -127,7 +129,7 @@ def load_model(path):
     """A model to start from: a training checkpoint of this script (its raw weights), or official weights."""
     ckpt = read_checkpoint(path) if str(path).endswith(".pt") else None
     if ckpt is not None and ckpt.get("kind") == "dit":
-        return dit_from(ckpt, "state_dict", path)
+        return model_from(ckpt, "state_dict", path)
     if ckpt is not None and "y_embedder.embedding_table.weight" in ckpt:            # official DiT, e.g. DiT-XL-2-256.pt
         D, c_in, p = ckpt["x_embedder.proj.weight"].shape[:3]
         config = pm.PixArtConfig(input_size=math.isqrt(ckpt["pos_embed"].shape[1]) * p, patch_size=p, in_channels=c_in,
@@ -181,7 +183,7 @@ class ShapesData:
     """Batches drawn on the fly from the shapes world: pixels are the latents (no VAE), 3 channels."""
     def __init__(self, args, text):
         self.args, self.text, self.channels, self.downscale = args, text, 3, 1
-        self.caption_channels = pm.PRESETS["toy"].caption_channels
+        self.caption_channels, self.length = pm.PRESETS["toy"].caption_channels, pm.PRESETS["toy"].model_max_length
 
     def batch(self, rng, n):
         images, dense, sparse, labels, specs = shapes.sample_batch(n, rng, self.args.image_size,
@@ -234,6 +236,8 @@ def precompute(folder, cache, t5_path, vae_path, image_size, device):
         torch.save(dict(mean=mean[0].half().cpu(), std=std[0].half().cpu(), y=y[0, :n].half().cpu(),
                         hw=(H, W), ar=ratio), cache / name)
         index.append(dict(file=name, bucket=f"{h}x{w}"))
+    if not index:
+        raise SystemExit(f"train.py: no readable image with a caption in {folder} ({skipped} unreadable)")
     (cache / "index.json").write_text(json.dumps(dict(items=index, skipped=skipped, max_length=t5.max_length,
                                                       scaling_factor=vae.scaling_factor, channels=mean.shape[1],
                                                       downscale=vae.downscale, caption_channels=y.shape[-1])))
@@ -359,7 +363,10 @@ def forget_after(path, step, step_of):
         path.write_text("".join(line for line in path.read_text().splitlines(True) if step_of(line) <= step))
 
 
-def parse_args(argv=None):
+RESUME_MAY_CHANGE = {"resume", "steps", "lr", "warmup", "clip", "eval_every", "save_every"}   # the rest: the run's own
+
+
+def parse_args(argv=None, named_only=False):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toy", help="folder for checkpoints, samples and metrics")
     p.add_argument("--data", default="shapes", help="'shapes' (drawn on the fly) or a folder of images with captions")
@@ -374,7 +381,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="toy", choices=list(pm.PRESETS), help="model size")
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
     p.add_argument("--init-dit", help="start from a class-conditional DiT, re-parameterised at t=500 (§2.3)")
-    p.add_argument("--resume", help="continue this checkpoint's run exactly")
+    p.add_argument("--resume", help="continue this checkpoint's run exactly, with its own settings; of the others only "
+                   "--steps, --lr, --warmup, --clip, --eval-every and --save-every may be given anew")
     p.add_argument("--score", help="no training: score this model (folder, .safetensors, or a stage-1 last.pt) "
                                    "on --eval-n prompts a group")
     p.add_argument("--steps", type=int, default=3000)
@@ -401,6 +409,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
+    if named_only:                     # the options the command line names: argparse leaves the others as they are, None
+        named = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])))))
+        return {k: v for k, v in vars(named).items() if v is not None}
     args = p.parse_args(argv)
     for name in ("resume", "init_dit", "data", "score"):            # local paths; --init may also be a hub id
         path = getattr(args, name)
@@ -414,11 +425,19 @@ def parse_args(argv=None):
         p.error(f"--two-objects is a share, from 0 to 1, got {args.two_objects}")
     if args.eval_seed < 0:
         p.error(f"--eval-seed must be 0 or more, got {args.eval_seed}")
+    if args.save_every < 1 or args.eval_n < 1 or args.eval_every < 0:
+        p.error("--save-every and --eval-n must be at least 1, --eval-every 0 (never) or more")
+    if not (math.isfinite(args.cfg) and args.cfg >= 0):
+        p.error(f"--cfg must be a finite number >= 0, got {args.cfg}")
     if args.data != "shapes" and (args.cond == "class" or args.captions != "dense" or args.two_objects is not None):
         p.error("--cond class, --captions sparse and --two-objects are for the shapes world: "
                 "a folder has its own captions")
     if args.score and args.data != "shapes":
         p.error("--score reads pictures back with the shapes world's evaluator: leave out --data")
+    if args.data != "shapes" and not (args.init or args.init_dit or args.resume) and pm.PRESETS[args.preset].patch_size != 2:
+        p.error(f"--preset {args.preset} has {pm.PRESETS[args.preset].patch_size}x{pm.PRESETS[args.preset].patch_size} "
+                "patches; a folder's aspect-ratio buckets are cut for patches of 2, as the official ones: choose a "
+                "PixArt-XL preset, or tiny")
     if args.prediction and (args.init or args.init_dit or args.resume or args.score):
         p.error("--prediction is for a new model: one started from weights keeps the target it was trained on")
     if args.warmup < 1:
@@ -428,12 +447,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.resume:                                        # the run's own settings, except a longer --steps
+    if args.resume:                   # the run's own settings, except a longer --steps or a gentler --lr, --warmup, --clip
         saved = read_checkpoint(args.resume)
-        steps = args.steps if "--steps" in (argv if argv is not None else sys.argv) else None
-        defaults = vars(parse_args([]))                    # for options added after the run was started
-        args = argparse.Namespace(**{**defaults, **saved["args"], "resume": args.resume})
-        args.steps = steps or args.steps
+        named = parse_args(argv, named_only=True)
+        if ignored := sorted(set(named) - RESUME_MAY_CHANGE):
+            print("train.py: --resume keeps the run's own " + ", ".join("--" + k.replace("_", "-") for k in ignored))
+        args = argparse.Namespace(**{**vars(parse_args([])), **saved["args"],   # defaults: options added since the run began
+                                     **{k: v for k, v in named.items() if k in RESUME_MAY_CHANGE}})
     ddp = "RANK" in os.environ                             # launched by torchrun
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -477,8 +497,9 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         try:
             saved = read_checkpoint(args.score) if args.score.endswith(".pt") else {}
-            if saved.get("kind") == "dit":                 # stage 1: its EMA weights, scored on the shapes it draws
-                model, args.cond = dit_from(saved, "state_dict_ema", args.score).to(device).eval(), "class"
+            if "kind" in saved:                            # a last.pt: its EMA weights, as its own evaluations use
+                model = model_from(saved, "state_dict_ema", args.score).to(device).eval()
+                args.cond = "class" if saved["kind"] == "dit" else "text"   # stage 1 is scored on the shapes it draws
             else:
                 model = pm.load_pixart(args.score, device)
         except (OSError, ValueError) as e:
@@ -495,7 +516,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)                           # the same start for the same seed
     config = pm.PixArtConfig(**{**asdict(pm.PRESETS[args.preset]), "class_dropout_prob": args.null_prob,
                                 "input_size": args.image_size // data.downscale, "in_channels": data.channels,
-                                "caption_channels": data.caption_channels,
+                                "caption_channels": data.caption_channels, "model_max_length": data.length,
                                 **({"prediction": args.prediction} if args.prediction else {})})
     if args.resume:
         model = load_model(args.resume)
@@ -503,6 +524,9 @@ def main(argv=None):
         model = reparameterize(load_model(args.init_dit).eval(), t=500)
     elif args.init:
         model = load_model(args.init)
+        if isinstance(model, DiT) != (args.cond == "class"):
+            raise SystemExit(f"train.py: --init {args.init} is " + ("a class-conditional DiT (stage 1): start stage 2 "
+                             "from it with --init-dit" if isinstance(model, DiT) else "a PixArt: --cond class needs a DiT"))
         if not isinstance(model, DiT) and model.config.input_size != config.input_size:   # stage 3: larger pictures
             grow = config.input_size / model.config.input_size   # positions keep their span: PixArt's pe_interpolation
             sd = model.state_dict()
@@ -563,8 +587,8 @@ def main(argv=None):
         if not torch.isfinite(avg):                        # stop before the bad step touches the weights
             last = torch.load(out / "last.pt", weights_only=True)["step"] if (out / "last.pt").exists() else None
             log(f"\ntrain.py: the loss is {avg.item()} at step {step}: stopping before it reaches the weights. "
-                + (f"The last good checkpoint is {out / 'last.pt'} (step {last}): lower --lr or raise --warmup, and "
-                   f"--resume it." if last is not None else "No checkpoint was written yet: lower --lr and start again."))
+                + (f"The last good checkpoint is {out / 'last.pt'} (step {last}): --resume it with a lower --lr or a "
+                   f"longer --warmup." if last is not None else "No checkpoint was written yet: lower --lr and start again."))
             sys.exit(1)
         opt.step()
         step += 1
@@ -575,11 +599,6 @@ def main(argv=None):
         seen += args.batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{avg.item():.4f}", img_s=f"{seen / (time.time() - t_start):.0f}")
-        if master and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(out / "last.pt", model, ema, opt, step, args)
-            if not isinstance(model, DiT):                     # the EMA weights, ready for sample.py
-                pm.save_pixart(ema, out / "pixart.safetensors.tmp")
-                os.replace(out / "pixart.safetensors.tmp", out / "pixart.safetensors")
         if master:
             with open(out / "loss.csv", "a") as f:
                 f.write(f"{step},{avg.item():.6f}\n")
@@ -595,6 +614,11 @@ def main(argv=None):
                 bar.write(f"step {step}: all-correct 1 object {scores['1obj']['all']:.0%}, 2 objects "
                           f"{scores['2obj']['all']:.0%} (held-out pairs {scores['held_1obj']['all']:.0%}, "
                           f"{scores['held_2obj']['all']:.0%})")
+        if master and (step % args.save_every == 0 or step == args.steps):
+            save_checkpoint(out / "last.pt", model, ema, opt, step, args)
+            if not isinstance(model, DiT):                     # the EMA weights, ready for sample.py
+                pm.save_pixart(ema, out / "pixart.safetensors.tmp")
+                os.replace(out / "pixart.safetensors.tmp", out / "pixart.safetensors")
     bar.close()
     if ddp:                                                # DDP keeps the replicas equal: show it
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -75,6 +75,15 @@ def test_resume_continues_exactly(tmp_path):
     assert a[-1] != a[0]                                    # it did train
 
 
+def test_resume_takes_a_gentler_lr_and_keeps_the_rest(tmp_path, capsys):
+    """After a NaN loss the message says: --resume it with a lower --lr. The other settings stay the run's own."""
+    train.main(["--out", str(tmp_path), "--steps", "2", "--save-every", "2", *FAST])
+    train.main(["--resume", str(tmp_path / "last.pt"), "--steps=3", "--lr", "1e-4", "--batch-size", "4"])
+    assert "keeps the run's own --batch-size" in capsys.readouterr().out
+    args = torch.load(tmp_path / "last.pt", weights_only=True)["args"]
+    assert (args["steps"], args["lr"], args["batch_size"]) == (3, 1e-4, 8) and len(losses(tmp_path)) == 3
+
+
 def test_a_checkpoint_from_before_the_schedule_options_resumes(tmp_path):
     train.main(["--out", str(tmp_path), "--steps", "2", "--save-every", "2", *FAST])
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -168,12 +177,23 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys, monkeypat
     assert len(losses(tmp_path / "run")) == 3
 
 
+def test_a_folder_without_a_usable_image_is_named(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "data" / "broken.txt").write_text("a broken file")
+    diffusers_vae().save_pretrained(tmp_path / "vae")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(tmp_path / "data"), "--t5", str(write_t5_dir(tmp_path / "t5")), "--vae",
+                    str(tmp_path / "vae"), "--preset", "tiny", "--out", str(tmp_path / "run")])
+    assert str(e.value.code) == f"train.py: no readable image with a caption in {tmp_path / 'data'} (1 unreadable)"
+
+
 def test_a_missing_t5_or_vae_is_named(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("a red circle")
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(tmp_path), "--t5", str(tmp_path / "t5"), "--vae", str(tmp_path / "vae"),
-                    "--out", str(tmp_path / "run")])
+                    "--preset", "tiny", "--out", str(tmp_path / "run")])
     assert str(e.value.code) == f"train.py: no such file or folder: {tmp_path / 'vae'}"
     assert not (tmp_path / ".pixart_cache").exists()
 
@@ -188,7 +208,13 @@ def test_the_three_stages_run_end_to_end(tmp_path):
     assert 0 <= row["1obj_shape"] <= 1 and (tmp_path / "s1" / "samples_000002.png").exists()
     scored = train.main(["--score", str(tmp_path / "s1" / "last.pt"), "--eval-n", "3", "--out", str(tmp_path / "s1")])
     assert scored == {"1obj": {k[5:]: v for k, v in row.items() if k.startswith("1obj_")}}   # the same EMA, prompts, seeds
+    with pytest.raises(SystemExit, match="start stage 2 from it with --init-dit"):
+        train.main(["--init", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "wrong"), *common])
     train.main(["--init-dit", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "s2"), *common])  # text
+    for name in ("last.pt", "pixart.safetensors"):                           # --score on either: the EMA weights
+        train.main(["--score", str(tmp_path / "s2" / name), "--eval-n", "2", "--out", str(tmp_path / name)])
+    drawn = [np.array(Image.open(tmp_path / name / "score_samples.png")) for name in ("last.pt", "pixart.safetensors")]
+    assert np.array_equal(*drawn)
     train.main(["--init", str(tmp_path / "s2" / "last.pt"), "--image-size", "64", "--out", str(tmp_path / "s3"), *common])
     m32, m64 = (pm.load_pixart(tmp_path / s / "pixart.safetensors") for s in ("s2", "s3"))
     assert (m32.config.input_size, m64.config.input_size, m64.config.pe_interpolation) == (32, 64, 2.0)
@@ -206,6 +232,9 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999"),
                                            (["--eval-seed", "-1"], "--eval-seed must be 0 or more"),
                                            (["--two-objects", "1.5"], "--two-objects is a share, from 0 to 1"),
+                                           (["--save-every", "0"], "--save-every and --eval-n must be at least 1"),
+                                           (["--cfg", "nan"], "--cfg must be a finite number"),
+                                           (["--data", "."], "buckets are cut for patches of 2"),
                                            (["--data", ".", "--two-objects", ".5"], "are for the shapes world"),
                                            (["--data", ".", "--cond", "class"], "are for the shapes world"),
                                            (["--score", ".", "--data", "."], "leave out --data"),
