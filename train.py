@@ -434,10 +434,10 @@ def parse_args(argv=None, named_only=False):
                 "a folder has its own captions")
     if args.score and args.data != "shapes":
         p.error("--score reads pictures back with the shapes world's evaluator: leave out --data")
-    if args.data != "shapes" and not (args.init or args.init_dit or args.resume) and pm.PRESETS[args.preset].patch_size != 2:
-        p.error(f"--preset {args.preset} has {pm.PRESETS[args.preset].patch_size}x{pm.PRESETS[args.preset].patch_size} "
-                "patches; a folder's aspect-ratio buckets are cut for patches of 2, as the official ones: choose a "
-                "PixArt-XL preset, or tiny")
+    patch = pm.PRESETS[args.preset].patch_size
+    if args.data != "shapes" and patch != 2 and not (args.init or args.init_dit or args.resume):
+        p.error(f"--preset {args.preset} has {patch}x{patch} patches; a folder's aspect-ratio buckets are cut for "
+                "patches of 2, as the official ones are: choose a PixArt-XL preset, or tiny")
     if args.prediction and (args.init or args.init_dit or args.resume or args.score):
         p.error("--prediction is for a new model: one started from weights keeps the target it was trained on")
     if args.warmup < 1:
