@@ -298,7 +298,10 @@ def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None,
     t = torch.randint(0, T, (B,), device=x0.device) if t is None else t
     noise = torch.randn_like(x0) if noise is None else noise
     xt = q_sample(x0, t, noise)
-    out, var = model(xt, t, y, mask, hw, ar).float().split(C, dim=1)            # (B, C, H, W) each
+    out = model(xt, t, y, mask, hw, ar).float()
+    if out.shape[1] != 2 * C:
+        raise ValueError("the hybrid loss trains the variance too: the model must learn sigma (learn_sigma=True)")
+    out, var = out.split(C, dim=1)                                              # (B, C, H, W) each
     abar = F.pad(ALPHAS_CUMPROD, (1, 0), value=1.0).to(x0.device)   # abar[k] = alpha-bar_(k-1), 1 at k=0
     a_t, a_s = abar[t + 1].view(B, 1, 1, 1), abar[t].view(B, 1, 1, 1)
     target = noise if prediction == "epsilon" else a_t.sqrt().float() * noise - (1 - a_t).sqrt().float() * x0
@@ -335,6 +338,9 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
     if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
         raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
+    if sampler == "ddpm" and not model.config.learn_sigma:
+        raise ValueError("ddpm draws with the learned variance, and this model does not learn sigma: "
+                         "use dpm-solver or ddim")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
     if null_y is None:

@@ -516,6 +516,16 @@ def test_sample_rejects_bad_arguments(sampler_setup):
             sample(model, noise, y, mask, **kw, **bad)
 
 
+def test_a_model_without_learned_sigma_is_named_where_it_needs_one():
+    model = PixArt(dataclasses.replace(PRESETS["tiny"], learn_sigma=False)).eval()     # diffusers allows it
+    x, y = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 32)
+    with pytest.raises(ValueError, match="does not learn sigma: use dpm-solver or ddim"):
+        sample(model, x, y, None, null_y=y, null_mask=None, steps=2, sampler="ddpm")
+    with pytest.raises(ValueError, match="must learn sigma"):
+        training_loss(model, x, y)
+    assert sample(model, x, y, None, null_y=y, null_mask=None, steps=2).shape == x.shape    # the others need none
+
+
 def test_sample_null_y_without_null_mask(sampler_setup):
     model, noise, y, mask, null_y, _ = sampler_setup
     with pytest.raises(ValueError, match="null_mask"):
