@@ -50,7 +50,8 @@ def forward_flops(c, h, w, text_len):
       cross-attention 2 N D^2 (q, out) + 2 L D^2 (k, v) + 2 N L D
       MLP             2 r N D^2 (r = mlp_ratio, 4)
     plus the patch embedding, the caption projection, the final linear and the timestep MLPs outside the blocks.
-    Attention over padded caption tokens is counted: the kernels compute it and mask it afterwards."""
+    Padded caption tokens are counted, as diffusers computes them and masks them afterwards; our sampling loop
+    drops the padding that every caption masks, so for it our TFLOP/s count a few percent of work it skips."""
     p, D, r = c.patch_size, c.hidden_size, c.mlp_ratio
     N, L = (h // p) * (w // p), text_len
     block = 4 * N * D * D + 2 * N * N * D + 2 * N * D * D + 2 * L * D * D + 2 * N * L * D + 2 * r * N * D * D
@@ -305,6 +306,8 @@ def main(argv=None):
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda, but torch sees no GPU")
+    if gpu:
+        torch.cuda.set_device(args.device)                         # the synchronize and memory calls read this one
     sizes = args.sizes or (["XL-256", "XL-512", "XL-1024"] if gpu else ["toy", "XL-256"])
     where = torch.cuda.get_device_name(args.device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; medians of {args.repeats}; ratio = ours / diffusers"

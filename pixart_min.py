@@ -331,7 +331,8 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
            hw=None, ar=None, generator=None, progress=False, start=T - 1):
     """Denoise `noise` (B, C, H, W) into clean latents, guided by captions y (B, L, C_text) with mask (B, L).
     The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given.
-    A lower `start` finishes a picture already noised to that step (q_sample) instead of pure noise."""
+    A lower `start` finishes a picture already noised to that step (q_sample) instead of pure noise.
+    `generator` draws ddpm's noise: one for the batch, or a list of one per picture (each its own, whatever B)."""
     if sampler not in ("dpm-solver", "ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
     if not (int(start) == start and 1 <= start < T):
@@ -375,7 +376,9 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         elif sampler == "ddpm":                                          # ancestral, with the learned variance
             mean, min_log, max_log = posterior(x0, x, abar[t], abar[ts[i + 1]])
             logvar = learned_logvar(out[B:, C:], min_log.float(), max_log.float())
-            x = mean + (0.5 * logvar).exp() * torch.randn(x.shape, generator=generator).to(x.device)
+            z = (torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
+                 if isinstance(generator, list) else torch.randn(x.shape, generator=generator))
+            x = mean + (0.5 * logvar).exp() * z.to(x.device)
         else:                                                            # DPM-Solver++(2M), in lambda = log(alpha/sigma)
             lam = lambda a: 0.5 * math.log(a / (1 - a))
             h = lam(a_s) - lam(a_t)
@@ -483,6 +486,9 @@ def from_diffusers(sd):
 
 def config_from_diffusers(cfg):
     """diffusers' transformer config.json -> PixArtConfig fields."""
+    if "caption_channels" not in cfg:                                 # e.g. another model's transformer/
+        raise ValueError(f"not a PixArt transformer: its config.json ({cfg.get('_class_name', 'no class name')}) has "
+                         "no caption_channels")
     size, c_in = cfg["sample_size"], cfg["in_channels"]
     micro = cfg.get("use_additional_conditions")
     return dict(input_size=size, patch_size=cfg["patch_size"], in_channels=c_in, depth=cfg["num_layers"],

@@ -70,7 +70,8 @@ def load_components(args, dtype):
         vae = AutoencoderKL.from_pretrained(root, dtype=dtype) if (root / "vae").is_dir() else Pixels()
         return lambda: T5TextEncoder(root, args.device, dtype, model.config.model_max_length), model, vae
     if args.ckpt:
-        return lambda: T5TextEncoder(args.t5, args.device, dtype), load_pixart(args.ckpt, dtype=dtype), \
+        model = load_pixart(args.ckpt, dtype=dtype)
+        return lambda: T5TextEncoder(args.t5, args.device, dtype, model.config.model_max_length), model, \
             AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
     raise FileNotFoundError(f"no --model or --ckpt given, and no bundled model in {TOY}: restore it with git, "
                             "or train one with train.py")
@@ -90,6 +91,14 @@ def check_args(args, error):
         error(f"--cfg must be a finite number >= 0, got {args.cfg}")
     if args.n < 1:
         error(f"--n must be at least 1, got {args.n}")
+    if not -2 ** 63 <= args.seed <= 2 ** 64 - args.n:                  # what torch.Generator takes, for seed + k
+        error(f"--seed must be from {-2 ** 63} to {2 ** 64 - args.n} (2**64 - n), got {args.seed}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        error(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        error(f"--out {args.out} is a file: give a folder for the PNGs")
     for name in ("height", "width"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             error(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
@@ -108,8 +117,8 @@ def check_args(args, error):
             error(f"no prompts in {args.prompts_file}: it has only blank lines")
     for i, p in enumerate(prompts):
         if not p.strip():
-            warnings.warn(f"prompt {i} is empty: with no text to guide it, that picture is sampled from the "
-                          f"null caption only (an unconditional sample)")
+            warnings.warn(f"prompt {i} is empty: it is guided by T5's features of no text, which are the null caption "
+                          f"only for diffusers weights; an unconditional sample is --cfg 0")
     try:                                                              # a hub id is downloaded once, here
         if args.model:
             args.model = local_folder(args.model, [f"{d}/*" for d in PIPELINE])
@@ -139,7 +148,7 @@ def main(argv=None):
     parser.add_argument("--t5", help="with --ckpt: T5 folder (spiece.model + weights) or pipeline folder")
     parser.add_argument("--vae", help="with --ckpt: diffusers VAE folder or pipeline folder")
     parser.add_argument("--negative-prompt", help="its T5 features replace the null caption in guidance")
-    parser.add_argument("--seed", type=int, default=0, help="image k of each prompt starts from the noise of seed+k")
+    parser.add_argument("--seed", type=int, default=0, help="image k of each prompt is drawn from seed+k, whatever --n")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1: none)")
     parser.add_argument("--sampler", choices=["dpm-solver", "ddim", "ddpm"], default="dpm-solver")
@@ -166,6 +175,8 @@ def main(argv=None):
     c, f = model.config, vae.downscale
     if vae.latent_channels != c.in_channels:
         parser.error(f"the VAE has {vae.latent_channels} latent channels, the model {c.in_channels}")
+    if args.sampler == "ddpm" and not c.learn_sigma:
+        parser.error("--sampler ddpm draws with the learned variance, and this model does not learn sigma")
     native, multiple = c.input_size * f, f * c.patch_size
     H, W = args.height or native, args.width or native               # what the user gets
     h, w = bucket(H, W, native, multiple) if c.micro_condition else (H, W)   # what the model draws
@@ -190,21 +201,21 @@ def main(argv=None):
         del text, load_text
         free(device)
 
-    # 2. Denoise: image k of every prompt starts from the same noise, drawn on the CPU from seed + k.
+    # 2. Denoise: image k of every prompt is drawn on the CPU from seed + k: its starting noise, and ddpm's noise.
     model.to(device)
     if args.compile:
         model.compile()                                               # in place: model.config etc. stay as they are
     n = args.n
-    noise = torch.stack([torch.randn(c.in_channels, h // f, w // f, generator=torch.Generator().manual_seed(seed))
-                         for seed in range(args.seed, args.seed + n)]).to(device)   # (n, C, h/f, w/f)
     hw = torch.tensor([[h, w]], device=device, dtype=torch.float32).repeat(n, 1) if c.micro_condition else None
     ar = torch.tensor([[h / w]], device=device, dtype=torch.float32).repeat(n, 1) if c.micro_condition else None
     latents = []
     for j in range(len(prompts)):
+        seeds = [torch.Generator().manual_seed(s) for s in range(args.seed, args.seed + n)]
+        noise = torch.stack([torch.randn(c.in_channels, h // f, w // f, generator=g) for g in seeds]).to(device)
         null = {} if null_y is None else dict(null_y=null_y.expand(n, -1, -1), null_mask=null_mask.expand(n, -1))
         latents.append(sample(model, noise, y[j:j + 1].expand(n, -1, -1), mask[j:j + 1].expand(n, -1), **null,
                               steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, hw=hw, ar=ar,
-                              generator=torch.Generator().manual_seed(args.seed), progress=True).cpu())
+                              generator=seeds, progress=True).cpu())
     if args.offload:
         del model
         free(device)

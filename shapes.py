@@ -26,8 +26,8 @@ SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 
 # Side of an object's bounding box as a fraction of the image side. Two objects are drawn a little
-# smaller so that they fit side by side; small and large always differ >= 2.5x in area, and every small
-# side (<= 0.30) is well below every large one (>= 0.40), so the evaluator needs one threshold.
+# smaller so that they fit side by side; with as many objects, small and large differ >= 2.5x in area, and
+# every small side (<= 0.30) is well below every large one (>= 0.40), so the evaluator needs one threshold.
 SIDE = {1: {"small": 0.30, "large": 0.50}, 2: {"small": 0.25, "large": 0.40}}
 MARGIN = 0.05  # the least free space between an object and the border, as a fraction of the side
 GAP = 0.06     # the least free space between two objects along their relation's axis
@@ -247,6 +247,10 @@ SIZE_SPLIT = 0.35    # side of the shape with the object's area: small (<= 0.30 
 def _to_numpy(images):
     """(N, 3, H, W) float in [0, 1], from a (N, 3, H, W) tensor in [-1, 1] or uint8 (H, W, 3) arrays."""
     if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise TypeError(f"images: a (N, 3, H, W) float tensor in [-1, 1]; got {images.dtype} {tuple(images.shape)}")
+        if images.numel() and images.abs().max() > 10:               # noise beyond [-1, 1] is fine; 0..255 is not
+            raise ValueError(f"images: values in [-1, 1] expected, got up to {images.abs().max().item():.3g}")
         return ((images.detach().cpu().float().numpy() + 1) / 2).clip(0, 1)
     arr = np.stack([np.asarray(im) for im in images])
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import json
 import math
 
 import pytest
@@ -514,6 +515,14 @@ def test_sample_rejects_bad_arguments(sampler_setup):
                        (dict(sampler="euler"), "sampler 'euler'")]:
         with pytest.raises(ValueError, match=match):
             sample(model, noise, y, mask, **kw, **bad)
+
+
+def test_another_models_transformer_folder_is_named(tmp_path):
+    from safetensors.torch import save_file
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel", "sample_size": 128}))
+    save_file({"pos_embed.proj.weight": torch.zeros(1)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match=r"not a PixArt transformer: its config.json \(SD3Transformer2DModel\)"):
+        load_pixart(tmp_path)
 
 
 def test_a_model_without_learned_sigma_is_named_where_it_needs_one():

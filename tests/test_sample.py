@@ -75,6 +75,22 @@ def test_ckpt_with_t5_and_vae(pipeline_dir, tmp_path, capsys):
     assert np.array_equal(*pixels(st + ref))
 
 
+def test_ckpt_reads_as_many_tokens_as_its_model_was_trained_on(pipeline_dir, tmp_path, capsys):
+    save_pixart(load_pixart(pipeline_dir, model_max_length=8), tmp_path / "short.safetensors")   # y_embedding: 8 rows
+    assert len(run(capsys, "a red circle", "--ckpt", tmp_path / "short.safetensors", "--t5", pipeline_dir,
+                   "--vae", pipeline_dir, "--height", 16, "--width", 16, "--out", tmp_path / "out")) == 1
+
+
+def test_ddpm_picture_k_is_the_same_whatever_n(tmp_path, capsys):
+    common = ["a large red circle", "--sampler", "ddpm", "--steps", 3, "--latents"]
+    two = run(capsys, *common, "--n", 2, "--out", tmp_path / "two")
+    one = run(capsys, *common, "--out", tmp_path / "one")
+    shifted = run(capsys, *common, "--seed", 1, "--out", tmp_path / "shifted")
+    lat = lambda p: torch.load(p.with_suffix(".pt"))
+    same = lambda a, b: torch.allclose(lat(a), lat(b), atol=1e-4)         # a batch of 2 rounds unlike a batch of 1
+    assert same(two[0], one[0]) and same(two[1], shifted[0]) and not same(two[0], two[1])
+
+
 def test_offload_changes_nothing(pipeline_dir, tmp_path, capsys):
     argv = ["a red circle", "a blue square", "--model", pipeline_dir, "--out", tmp_path]
     plain, offloaded = run(capsys, *argv), run(capsys, *argv, "--offload")
@@ -104,6 +120,9 @@ def test_empty_prompt_warns(pipeline_dir, tmp_path, capsys):
     (["--ckpt", "{tmp}/model.pth"], "--t5"),
     (["--ckpt", "{tmp}/missing.pth", "--t5", "{pipe}", "--vae", "{pipe}"], "missing.pth"),
     (["--model", "{tmp}"], "not a PixArt pipeline folder"),
+    (["--seed", str(2 ** 64)], "--seed must be from"),
+    (["--device", "gpu"], "is not a device"),
+    (["--out", "{pipe}/transformer/config.json"], "is a file"),
 ])
 def test_bad_input_exits_2(argv, message, pipeline_dir, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, pipe=pipeline_dir) for a in argv]

@@ -84,6 +84,12 @@ def test_n_objects_and_bad_input():
         shapes.random_spec(np.random.default_rng(0), n_objects=3)
     with pytest.raises(TypeError, match="uint8"):
         shapes.evaluate([np.zeros((8, 8, 3), np.float32)], specs(1))
+    good = images(specs(1))                                           # (1, 3, 32, 32) in [-1, 1]
+    for bad in (good.permute(0, 2, 3, 1), good[:, :1], ((good + 1) * 127.5).to(torch.uint8)):
+        with pytest.raises(TypeError, match=r"a \(N, 3, H, W\) float tensor"):
+            shapes.evaluate(bad, specs(1))
+    with pytest.raises(ValueError, match="values in \\[-1, 1\\] expected"):
+        shapes.evaluate((good + 1) * 127.5, specs(1))                   # float pixels in 0..255
 
 
 def test_spec_round_trips_through_json_and_pickle():
