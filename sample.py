@@ -210,12 +210,13 @@ def main(argv=None):
     ar = torch.tensor([[h / w]], device=device, dtype=torch.float32).repeat(n, 1) if c.micro_condition else None
     latents = []
     for j in range(len(prompts)):
-        seeds = [torch.Generator().manual_seed(s) for s in range(args.seed, args.seed + n)]
-        noise = torch.stack([torch.randn(c.in_channels, h // f, w // f, generator=g) for g in seeds]).to(device)
+        generators = [torch.Generator().manual_seed(s) for s in range(args.seed, args.seed + n)]
+        noise = torch.stack([torch.randn(c.in_channels, h // f, w // f, generator=g)
+                             for g in generators]).to(device)                       # (n, C, h/f, w/f)
         null = {} if null_y is None else dict(null_y=null_y.expand(n, -1, -1), null_mask=null_mask.expand(n, -1))
         latents.append(sample(model, noise, y[j:j + 1].expand(n, -1, -1), mask[j:j + 1].expand(n, -1), **null,
                               steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, hw=hw, ar=ar,
-                              generator=seeds, progress=True).cpu())
+                              generator=generators, progress=True).cpu())
     if args.offload:
         del model
         free(device)
