@@ -128,7 +128,7 @@ def model_from(ckpt, weights, source):
 def load_model(path):
     """A model to start from: a training checkpoint of this script (its raw weights), or official weights."""
     ckpt = read_checkpoint(path) if str(path).endswith(".pt") else None
-    if ckpt is not None and ckpt.get("kind") == "dit":
+    if ckpt is not None and "kind" in ckpt:                                         # stage 1, 2 or 3 of this script
         return model_from(ckpt, "state_dict", path)
     if ckpt is not None and "y_embedder.embedding_table.weight" in ckpt:            # official DiT, e.g. DiT-XL-2-256.pt
         D, c_in, p = ckpt["x_embedder.proj.weight"].shape[:3]
