@@ -574,15 +574,17 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
         raise ValueError(f"pos_embed is {tuple(sd['pos_embed'].shape)} in {path}, but input_size "
                          f"{cfg['input_size']} gives {tuple(model.pos_embed.shape)}")
     sd["pos_embed"] = model.pos_embed                                    # a fixed sin-cos table: recomputed
-    if diffusers:                                                        # diffusers drops the null caption
-        model.has_null_caption = False
+    if diffusers or "y_embedder.y_embedding" not in sd:                 # no null caption: diffusers drops it, and
+        model.has_null_caption = False                                   # so does save_pixart for such a model
         sd["y_embedder.y_embedding"] = model.y_embedder.y_embedding
     load_strict(model, sd, str(path))
     return model.to(device, dtype).eval()
 
 
 def save_pixart(model, path):
-    """Official keys in a .safetensors file, with the config in its metadata so load_pixart needs nothing else."""
+    """Official keys in a .safetensors file, with the config in its metadata so load_pixart needs nothing else.
+    A model loaded from diffusers weights is saved without y_embedding: its random one is no null caption."""
     from safetensors.torch import save_file
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+          if model.has_null_caption or k != "y_embedder.y_embedding"}
     save_file(sd, str(path), metadata={"pixart_config": json.dumps(asdict(model.config))})

@@ -122,6 +122,7 @@ def model_from(ckpt, weights, source):
     config = pm.PixArtConfig(**ckpt["config"])
     model = DiT(config, ckpt["num_classes"]) if ckpt["kind"] == "dit" else pm.PixArt(config)
     pm.load_strict(model, ckpt[weights], source)
+    model.has_null_caption = ckpt.get("has_null_caption", True)   # False: started from diffusers weights
     return model
 
 
@@ -350,7 +351,8 @@ def draw_timesteps(n, generator, how="uniform"):
 def save_checkpoint(path, model, ema, opt, step, args):
     """Write to a temporary file, then rename: a run killed mid-write never leaves a half-written checkpoint."""
     ckpt = dict(kind="dit" if isinstance(model, DiT) else "pixart", config=asdict(model.config),
-                num_classes=getattr(model, "num_classes", None), state_dict=model.state_dict(),
+                num_classes=getattr(model, "num_classes", None), has_null_caption=model.has_null_caption,
+                state_dict=model.state_dict(),
                 state_dict_ema=ema.state_dict(), optimizer=opt.state_dict(), step=step, args=vars(args))
     tmp = Path(str(path) + ".tmp")
     torch.save(ckpt, tmp)

@@ -325,6 +325,14 @@ def test_null_caption_depends_on_the_format(pipeline_dir, tiny_sd, tmp_path):
     assert diffusers_model.has_null_caption is False                        # diffusers drops y_embedding
     with pytest.raises(ValueError, match="null_y"):
         sample(diffusers_model, x, y, mask, steps=2)
+    save_pixart(diffusers_model, tmp_path / "converted.safetensors")        # its random y_embedding is not
+    converted = load_pixart(tmp_path / "converted.safetensors")             # written, so it is not taken
+    assert converted.has_null_caption is False                              # for a null caption after a reload
+    with pytest.raises(ValueError, match="null_y"):
+        sample(converted, x, y, mask, steps=2)
+    null_y, null_mask = y.flip(0), mask.flip(0)
+    assert torch.equal(sample(converted, x, y, mask, null_y=null_y, null_mask=null_mask, steps=2),
+                       sample(diffusers_model, x, y, mask, null_y=null_y, null_mask=null_mask, steps=2))
 
     official = load_pixart(save_pth(tmp_path / "x.pth", tiny_sd), num_heads=2)
     assert official.has_null_caption is True

@@ -1,4 +1,5 @@
 # train.py: the re-parameterisation, exact resume, NaN stop, DDP with two CPU processes, real-data folders.
+import argparse
 import json
 import os
 import subprocess
@@ -91,6 +92,15 @@ def test_a_checkpoint_from_before_the_schedule_options_resumes(tmp_path):
     torch.save(ckpt, tmp_path / "last.pt")
     train.main(["--resume", str(tmp_path / "last.pt"), "--steps", "3"])
     assert len(losses(tmp_path)) == 3
+
+
+def test_a_checkpoint_keeps_a_missing_null_caption_missing(tmp_path, pipeline_dir):
+    model = pm.load_pixart(pipeline_dir)                       # diffusers weights: no null caption
+    opt = torch.optim.AdamW(model.parameters())
+    train.save_checkpoint(tmp_path / "last.pt", model, model, opt, 0, argparse.Namespace())
+    assert train.load_model(tmp_path / "last.pt").has_null_caption is False
+    pm.save_pixart(pm.PixArt(pm.PRESETS["tiny"]), tmp_path / "own.safetensors")
+    assert pm.load_pixart(tmp_path / "own.safetensors").has_null_caption is True
 
 
 def test_learning_rate_warms_up_then_stays_or_follows_a_cosine():
