@@ -229,7 +229,8 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
         def step():
             with autocast:
-                loss = pm.training_loss(call, b["x"].float(), b["y"], b["mask"], t=b["t"], **micro(b))
+                loss = pm.training_loss(call, b["x"].float(), b["y"], b["mask"], t=b["t"], **micro(b),
+                                        prediction=ours.config.prediction)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)   # nothing held between steps: each call's gradients count as its own

@@ -179,6 +179,9 @@ class PixArt(nn.Module):
         c, D = config, config.hidden_size
         if c.prediction not in ("epsilon", "v"):
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {c.prediction!r}")
+        if D % c.num_heads or (c.micro_condition and D % 3):           # heads split D; size embeddings take D/3 each
+            raise ValueError(f"hidden_size {D} must divide into {c.num_heads} heads"
+                             + (" and into 3 (the micro-conditions)" if c.micro_condition else ""))
         self.config = c
         self.out_channels = c.in_channels * 2 if c.learn_sigma else c.in_channels
         self.base_size = c.input_size // c.patch_size
@@ -243,7 +246,7 @@ class PixArt(nn.Module):
             csize = rearrange(self.csize_embedder(hw.reshape(-1)), "(b k) d -> b (k d)", b=B)  # (B, 2D/3)
             t = t + torch.cat([csize, self.ar_embedder(ar.reshape(-1))], dim=1)     # (B, D)
         t0 = self.t_block(t)                                                       # (B, 6D)
-        if self.training and (force_drop_ids is not None or c.class_dropout_prob > 0):
+        if force_drop_ids is not None or (self.training and c.class_dropout_prob > 0):
             drop = torch.rand(B, device=y.device) < c.class_dropout_prob if force_drop_ids is None else force_drop_ids.bool()
             y = torch.where(drop[:, None, None], self.y_embedder.y_embedding[:y.shape[1]].to(y), y)  # null caption
         y = self.y_embedder.y_proj(y.to(x.dtype))                                  # (B, L, D)
@@ -291,9 +294,11 @@ def eps_from(out, xt, a_t, prediction):
     return out if prediction == "epsilon" else a_t ** 0.5 * out + (1 - a_t) ** 0.5 * xt
 
 
-def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None, prediction="epsilon"):
+def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None, prediction=None):
     """The paper's hybrid loss: MSE on eps (or on v) + improved DDPM's variational bound for the variance
-    (mean detached)."""
+    (mean detached). `prediction` defaults to the model's own target; to eps for a plain function."""
+    if prediction is None:
+        prediction = model.config.prediction if isinstance(model, PixArt) else "epsilon"
     B, C = x0.shape[:2]
     t = torch.randint(0, T, (B,), device=x0.device) if t is None else t
     noise = torch.randn_like(x0) if noise is None else noise
@@ -339,12 +344,20 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
     if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
         raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
+    steps, start = int(steps), int(start)
+    if model.training:
+        raise ValueError("sample needs model.eval(): in training mode the model drops captions at random")
+    if isinstance(generator, list) and len(generator) != len(noise):
+        raise ValueError(f"{len(generator)} generators for {len(noise)} pictures: give one per picture, or one")
     if sampler == "ddpm" and not model.config.learn_sigma:
         raise ValueError("ddpm draws with the learned variance, and this model does not learn sigma: "
                          "use dpm-solver or ddim")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
     if null_y is None:
+        if y.shape[1] > model.config.model_max_length:
+            raise ValueError(f"captions of {y.shape[1]} tokens, but the model's null caption has "
+                             f"{model.config.model_max_length}: encode them to that length")
         if not model.has_null_caption:
             raise ValueError("this model's weights carry no null caption (diffusers format): pass null_y and "
                              "null_mask, the features of the negative prompt ('' by default)")
@@ -352,13 +365,15 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         null_mask = mask                                                      # null caption, prompt's mask
     if (null_mask is None) != (mask is None):
         raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens are real")
+    if len(null_y) != len(y):
+        raise ValueError(f"{len(null_y)} null captions for {len(y)} captions: give one per caption")
     B, C, dtype = len(noise), model.config.in_channels, next(model.parameters()).dtype
     y2, m2 = torch.cat([null_y, y]), None if mask is None else torch.cat([null_mask, mask])
     if m2 is not None and m2.any():          # padding that every caption masks changes nothing: drop it once
         keep = int(m2.any(0).nonzero().max()) + 1
         y2, m2 = y2[:, :keep], m2[:, :keep]
-    hw2, ar2 = (None, None) if hw is None else (torch.cat([hw, hw]), torch.cat([ar, ar]))
-    ts, abar = timesteps(int(steps), int(start)), ALPHAS_CUMPROD
+    hw2, ar2 = (None if v is None else torch.cat([v, v]) for v in (hw, ar))
+    ts, abar = timesteps(steps, start), ALPHAS_CUMPROD
     ts_device = ts.to(noise.device)          # copied once: a copy from the CPU inside the loop would wait for the GPU
     x, x0_prev = noise.float(), None
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
@@ -409,9 +424,10 @@ def local_folder(path, allow_patterns=None):
 
 def tokenize(sp, prompts, max_length=120):
     """Prompts -> ids and mask (B, max_length) as T5's tokenizer makes them: pieces, </s> (id 1), padding (id 0)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)   # one prompt, not one per character
     ids = torch.zeros(len(prompts), max_length, dtype=torch.long)
     mask = torch.zeros(len(prompts), max_length, dtype=torch.long)
-    for i, pieces in enumerate(sp.encode(list(prompts))):
+    for i, pieces in enumerate(sp.encode(prompts)):
         if len(pieces) >= max_length:
             warnings.warn(f"prompt {i} has {len(pieces) + 1} tokens and was truncated to {max_length}: "
                           f"the end, {sp.decode(pieces[max_length - 1:])!r}, is ignored")
@@ -574,7 +590,7 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
         raise ValueError(f"pos_embed is {tuple(sd['pos_embed'].shape)} in {path}, but input_size "
                          f"{cfg['input_size']} gives {tuple(model.pos_embed.shape)}")
     sd["pos_embed"] = model.pos_embed                                    # a fixed sin-cos table: recomputed
-    if diffusers or "y_embedder.y_embedding" not in sd:                 # no null caption: diffusers drops it, and
+    if diffusers or (stored and "y_embedder.y_embedding" not in sd):    # no null caption: diffusers drops it, and
         model.has_null_caption = False                                   # so does save_pixart for such a model
         sd["y_embedder.y_embedding"] = model.y_embedder.y_embedding
     load_strict(model, sd, str(path))

@@ -520,9 +520,17 @@ def test_sample_rejects_bad_arguments(sampler_setup):
     kw = dict(null_y=null_y, null_mask=null_mask)
     for bad, match in [(dict(steps=0), "steps"), (dict(steps=1.5), "steps"), (dict(steps=1001), "steps"),
                        (dict(cfg_scale=float("nan")), "guidance"), (dict(cfg_scale=float("inf")), "guidance"),
-                       (dict(sampler="euler"), "sampler 'euler'")]:
+                       (dict(sampler="euler"), "sampler 'euler'"),
+                       (dict(generator=[torch.Generator()], sampler="ddpm"), "1 generators for 2 pictures"),
+                       (dict(null_y=null_y[:1], null_mask=null_mask[:1]), "1 null captions for 2 captions")]:
         with pytest.raises(ValueError, match=match):
-            sample(model, noise, y, mask, **kw, **bad)
+            sample(model, noise, y, mask, **{**kw, **bad})
+    assert torch.equal(sample(model, noise, y, mask, steps=2.0, **kw), sample(model, noise, y, mask, steps=2, **kw))
+    own = PixArt(PRESETS["tiny"]).eval()                                     # the null caption is 120 tokens long
+    with pytest.raises(ValueError, match="captions of 121 tokens, but the model's null caption has 120"):
+        sample(own, noise, torch.randn(2, 121, 32), torch.ones(2, 121), steps=2)
+    with pytest.raises(ValueError, match=r"model.eval\(\)"):                # training mode drops captions at random
+        sample(own.train(), noise, y, mask, steps=2)
 
 
 def test_another_models_transformer_folder_is_named(tmp_path):
@@ -648,6 +656,21 @@ def test_hybrid_loss_with_v_prediction():
     assert abs(training_loss(network, x0, None, t=t, noise=noise).item() - loss.item()) > 1e-2
 
 
+def test_training_loss_trains_the_models_own_target():
+    model = random_pixart(dataclasses.replace(PRESETS["tiny"], prediction="v"), seed=3)
+    x0, t, y, mask, _, _ = inputs(B=2, H=8, W=8, L=6, caption_channels=32, seed=4)
+    noise = torch.randn_like(x0)
+    loss = lambda **kw: training_loss(model, x0, y, mask, t=t, noise=noise, **kw).item()
+    assert loss() == loss(prediction="v") and abs(loss() - loss(prediction="epsilon")) > 1e-2
+
+
+def test_a_config_whose_width_does_not_split_is_named():
+    with pytest.raises(ValueError, match="hidden_size 30 must divide into 4 heads"):
+        PixArt(dataclasses.replace(PRESETS["tiny"], hidden_size=30, num_heads=4))
+    with pytest.raises(ValueError, match="and into 3"):
+        PixArt(dataclasses.replace(PRESETS["tiny"], hidden_size=32, num_heads=2, micro_condition=True))
+
+
 def test_hybrid_loss_precision_at_small_t():
     assert report("hybrid loss (relative), t=[1, 1, 1, 1]", relative_loss_error(torch.tensor([1] * 4))) <= 1e-5
 
@@ -687,6 +710,7 @@ def test_caption_dropout_uses_the_null_caption():
     with torch.no_grad():
         with_y, with_null = model(x, t, y, mask), model(x, t, null, mask)   # eval: no dropout
         assert max_err(with_y, with_null) > 1e-2                            # the caption matters
+        assert torch.equal(model(x, t, y, mask, force_drop_ids=torch.ones(3)), with_null)   # unless asked for
         model.train()
         assert torch.allclose(model(x, t, y, mask, force_drop_ids=torch.ones(3)), with_null, atol=1e-6)
         assert torch.allclose(model(x, t, y, mask, force_drop_ids=torch.zeros(3)), with_y, atol=1e-6)

@@ -72,6 +72,11 @@ def test_tokenize_empty_prompt_is_just_eos(sp, t5_dir):
     assert ids[0, 0] == 1 and mask.sum() == 1
 
 
+def test_one_prompt_as_a_string_is_one_prompt(sp):
+    ids, mask = pixart_min.tokenize(sp, PROMPTS[0])
+    assert ids.shape == (1, 120) and torch.equal(ids, pixart_min.tokenize(sp, PROMPTS[:1])[0])
+
+
 def test_long_prompt_is_truncated_like_t5_tokenizer_and_warns(sp, t5_dir):
     pieces = sp.encode(LONG)
     assert len(pieces) + 1 > 120, "the long prompt must really be over 120 tokens"
