@@ -8,6 +8,7 @@ palette colour and scores count, colour, shape, size and relation against the sp
 T2I-CompBench. Plain numpy, no downloads, thousands of images per second on one core.
 """
 import itertools
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -251,6 +252,8 @@ def _to_numpy(images):
             raise TypeError(f"images: a (N, 3, H, W) float tensor in [-1, 1]; got {images.dtype} {tuple(images.shape)}")
         if images.numel() and images.abs().max() > 10:               # noise beyond [-1, 1] is fine; 0..255 is not
             raise ValueError(f"images: values in [-1, 1] expected, got up to {images.abs().max().item():.3g}")
+        if images.numel() and images.min() >= 0:         # the background is -1: a blank grey picture, or [0, 1]?
+            warnings.warn("images: no value below 0; if they are in [0, 1], scale them to [-1, 1] (x * 2 - 1)")
         return ((images.detach().cpu().float().numpy() + 1) / 2).clip(0, 1)
     arr = np.stack([np.asarray(im) for im in images])
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:

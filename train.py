@@ -82,7 +82,10 @@ class DiT(pm.PixArt):
             y = torch.where(drop, self.num_classes, y)
         c = self.t_embedder(t) + self.y_embedder.embedding_table(y)   # (B, D)
         for block in self.blocks:
-            x = block(x, c)                                            # (B, N, D)
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)   # recompute in backward
+            else:
+                x = block(x, c)                                        # (B, N, D)
         shift, scale = self.final_layer.adaLN_modulation(c)[:, None].chunk(2, -1)
         x = self.final_layer.linear(pm.modulate(self.final_layer.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)      # (B, C_out, H, W)
@@ -124,6 +127,16 @@ def model_from(ckpt, weights, source):
     pm.load_strict(model, ckpt[weights], source)
     model.has_null_caption = ckpt.get("has_null_caption", True)   # False: started from diffusers weights
     return model
+
+
+def check_fits(model, data, source):
+    """Stop, naming the file, when a model's latent or caption channels are not the data's."""
+    pairs = [("latent", model.config.in_channels, data.channels)]
+    if not isinstance(model, DiT):
+        pairs.append(("caption", model.config.caption_channels, data.caption_channels))
+    for what, theirs, ours in pairs:
+        if theirs != ours:
+            raise SystemExit(f"train.py: {source} takes {theirs} {what} channels, and this data has {ours}")
 
 
 def load_model(path):
@@ -241,7 +254,8 @@ def precompute(folder, cache, t5_path, vae_path, image_size, device):
         raise SystemExit(f"train.py: no readable image with a caption in {folder} ({skipped} unreadable)")
     (cache / "index.json").write_text(json.dumps(dict(items=index, skipped=skipped, max_length=t5.max_length,
                                                       scaling_factor=vae.scaling_factor, channels=mean.shape[1],
-                                                      downscale=vae.downscale, caption_channels=y.shape[-1])))
+                                                      downscale=vae.downscale, caption_channels=y.shape[-1],
+                                                      image_size=image_size)))
     print(f"precomputed {len(index)} images into {cache}; skipped {skipped} unreadable")
 
 
@@ -252,6 +266,7 @@ class FolderData:
         meta = json.loads((cache / "index.json").read_text())
         self.cache, self.length, self.scale, self.channels = cache, meta["max_length"], meta["scaling_factor"], meta["channels"]
         self.downscale, self.caption_channels = meta["downscale"], meta["caption_channels"]
+        self.image_size = meta.get("image_size")          # None: a cache from before it was recorded
         self.buckets = {}
         for item in meta["items"]:
             self.buckets.setdefault(item["bucket"], []).append(item["file"])
@@ -277,7 +292,7 @@ class FolderData:
 # ==================== Evaluation: sample fixed prompts, read the pictures back ====================
 
 @torch.no_grad()
-def evaluate(model, data, args, n_per_group, device, grid_path=None):
+def evaluate(model, data, args, n_per_group, device, grid_path=None, progress=False):
     """Scores of the EMA model on fixed prompts (seeded): one and two objects, seen and held-out colour-shape
     pairs. A class-conditional model knows only its class, object 0's shape: it is scored on how often the
     largest object of a one-object scene has that shape."""
@@ -295,7 +310,7 @@ def evaluate(model, data, args, n_per_group, device, grid_path=None):
     images = torch.cat([pm.sample(model, part(noise, i), part(y, i), part(mask, i), null_y=part(null_y, i),
                                   null_mask=part(mask, i) if null_y is not None else None,
                                   steps=args.eval_steps, cfg_scale=args.cfg).clamp(-1, 1).cpu()
-                        for i in range(0, len(specs), 64)])
+                        for i in tqdm(range(0, len(specs), 64), desc="score", disable=not progress)])
     if grid_path:
         pick = slice(None, None, max(1, len(images) // 32))
         captions = [shapes.dense_caption(s) if args.cond == "text" else s.objects[0].shape for s in specs[pick]]
@@ -379,7 +394,7 @@ def parse_args(argv=None, named_only=False):
     p.add_argument("--captions", choices=["dense", "sparse"], default="dense", help="shapes world: caption style")
     p.add_argument("--two-objects", type=float, help="shapes world: share of two-object scenes (default: "
                    "one or two objects alike)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="pixels (default 32; with --score, the model's own)")
     p.add_argument("--preset", default="toy", choices=list(pm.PRESETS), help="model size")
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
     p.add_argument("--init-dit", help="start from a class-conditional DiT, re-parameterised at t=500 (§2.3)")
@@ -444,6 +459,13 @@ def parse_args(argv=None, named_only=False):
         p.error("--prediction is for a new model: one started from weights keeps the target it was trained on")
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the number of steps the lr takes to rise to --lr)")
+    if not (0 <= args.ema < 1 and 0 <= args.null_prob <= 1 and args.clip > 0):
+        p.error(f"--ema must be from 0 to below 1, --null-prob from 0 to 1 and --clip above 0; got {args.ema}, "
+                f"{args.null_prob} and {args.clip}")
+    if args.init_dit and args.cond == "class":
+        p.error("--init-dit starts stage 2, which reads captions: leave out --cond class")
+    if args.image_size is None and not args.score:
+        args.image_size = 32
     return args
 
 
@@ -456,6 +478,7 @@ def main(argv=None):
             print("train.py: --resume keeps the run's own " + ", ".join("--" + k.replace("_", "-") for k in ignored))
         args = argparse.Namespace(**{**vars(parse_args([])), **saved["args"],   # defaults: options added since the run began
                                      **{k: v for k, v in named.items() if k in RESUME_MAY_CHANGE}})
+        args.out = str(Path(args.resume).parent)                     # the run goes on beside its checkpoint
     ddp = "RANK" in os.environ                             # launched by torchrun
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -470,6 +493,18 @@ def main(argv=None):
     master, out = rank == 0, Path(args.out)
     log = print if master else (lambda *a, **k: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    if not (args.resume or args.score) and (out / "last.pt").exists():   # a new run must not overwrite an old one
+        raise SystemExit(f"train.py: {out} already holds a run: --resume {out / 'last.pt'} to go on with it, or "
+                         "choose another --out")
+    if args.score:                        # read first: the model decides the text, the data and the picture size
+        try:
+            saved = read_checkpoint(args.score) if args.score.endswith(".pt") else {}
+            model = (model_from(saved, "state_dict_ema", args.score) if "kind" in saved   # a last.pt: its EMA, as
+                     else pm.load_pixart(args.score)).to(device).eval()                  # its own evaluations use
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"train.py: --score: {e}") from None
+        args.cond = "class" if isinstance(model, DiT) else "text"   # stage 1 is scored on the shapes it draws
+        args.image_size = args.image_size or model.config.input_size   # the shapes world's latents are its pixels
 
     # 1. Text and data.
     text = None
@@ -494,19 +529,14 @@ def main(argv=None):
             if ddp:
                 dist.barrier()
         data = FolderData(cache)
+        if data.image_size not in (None, args.image_size):
+            raise SystemExit(f"train.py: {cache} was precomputed at --image-size {data.image_size}, not "
+                             f"{args.image_size}: give another --cache, or delete that one")
 
-    if args.score:                                         # no training: score a finished model and stop
+    if args.score:                                         # no training: score the finished model and stop
+        check_fits(model, data, args.score)
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            saved = read_checkpoint(args.score) if args.score.endswith(".pt") else {}
-            if "kind" in saved:                            # a last.pt: its EMA weights, as its own evaluations use
-                model = model_from(saved, "state_dict_ema", args.score).to(device).eval()
-                args.cond = "class" if saved["kind"] == "dit" else "text"   # stage 1 is scored on the shapes it draws
-            else:
-                model = pm.load_pixart(args.score, device)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"train.py: --score: {e}") from None
-        scores = evaluate(model, data, args, args.eval_n, device, out / "score_samples.png")
+        scores = evaluate(model, data, args, args.eval_n, device, out / "score_samples.png", progress=True)
         (out / "score.json").write_text(json.dumps(dict(model=str(args.score), prompts_per_group=args.eval_n,
                                                         seed=args.eval_seed, cfg=args.cfg, steps=args.eval_steps,
                                                         **scores), indent=1))
@@ -516,19 +546,24 @@ def main(argv=None):
 
     # 2. The model: from scratch, fine-tuned, re-parameterised from a DiT, or resumed.
     torch.manual_seed(args.seed)                           # the same start for the same seed
-    config = pm.PixArtConfig(**{**asdict(pm.PRESETS[args.preset]), "class_dropout_prob": args.null_prob,
-                                "input_size": args.image_size // data.downscale, "in_channels": data.channels,
+    config = pm.PixArtConfig(**{**asdict(pm.PRESETS[args.preset]), "input_size": args.image_size // data.downscale, "in_channels": data.channels,
                                 "caption_channels": data.caption_channels, "model_max_length": data.length,
                                 **({"prediction": args.prediction} if args.prediction else {})})
     if args.resume:
         model = load_model(args.resume)
     elif args.init_dit:
-        model = reparameterize(load_model(args.init_dit).eval(), t=500)
+        dit = load_model(args.init_dit)
+        if not isinstance(dit, DiT):
+            raise SystemExit(f"train.py: --init-dit {args.init_dit} is a PixArt, not a class-conditional DiT: "
+                             "continue from it with --init")
+        check_fits(dit, data, args.init_dit)
+        model = reparameterize(dit.eval(), t=500)
     elif args.init:
         model = load_model(args.init)
         if isinstance(model, DiT) != (args.cond == "class"):
             raise SystemExit(f"train.py: --init {args.init} is " + ("a class-conditional DiT (stage 1): start stage 2 "
                              "from it with --init-dit" if isinstance(model, DiT) else "a PixArt: --cond class needs a DiT"))
+        check_fits(model, data, args.init)
         if not isinstance(model, DiT) and model.config.input_size != config.input_size:   # stage 3: larger pictures
             grow = config.input_size / model.config.input_size   # positions keep their span: PixArt's pe_interpolation
             sd = model.state_dict()
@@ -582,13 +617,14 @@ def main(argv=None):
                                     noise=noise[mine].to(device), prediction=model.config.prediction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        avg = loss.detach()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)   # DDP has averaged the gradients: the
+        avg = loss.detach()                                              # same norm on every rank
         if ddp:
             dist.all_reduce(avg, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(avg):                        # stop before the bad step touches the weights
+        if not (torch.isfinite(avg) and torch.isfinite(norm)):   # stop before the bad step touches the weights
             last = torch.load(out / "last.pt", weights_only=True)["step"] if (out / "last.pt").exists() else None
-            log(f"\ntrain.py: the loss is {avg.item()} at step {step}: stopping before it reaches the weights. "
+            log(f"\ntrain.py: the loss is {avg.item()} and the gradients' norm {norm.item()} at step {step}: "
+                "stopping before they reach the weights. "
                 + (f"The last good checkpoint is {out / 'last.pt'} (step {last}): --resume it with a lower --lr or a "
                    f"longer --warmup." if last is not None else "No checkpoint was written yet: lower --lr and start again."))
             sys.exit(1)

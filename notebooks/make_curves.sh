@@ -9,6 +9,7 @@
 # default became v; the target is set on the runs that start a new model, and the staged run inherits it.
 # They were also measured with the toy T5 as first built, before build_toy_text scaled its position biases
 # (checkpoints/toy/text_encoder at commit 22413ea): a run today reads captions through different features.
+# train.py does not start a run in a folder that already holds one: remove runs/curves to measure again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

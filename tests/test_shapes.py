@@ -2,6 +2,7 @@
 import json
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -90,6 +91,8 @@ def test_n_objects_and_bad_input():
             shapes.evaluate(bad, specs(1))
     with pytest.raises(ValueError, match="values in \\[-1, 1\\] expected"):
         shapes.evaluate((good + 1) * 127.5, specs(1))                   # float pixels in 0..255
+    with pytest.warns(UserWarning, match=r"no value below 0; if they are in \[0, 1\]"):
+        shapes.evaluate((good + 1) / 2, specs(1))
 
 
 def test_spec_round_trips_through_json_and_pickle():
@@ -268,5 +271,7 @@ def test_noise_and_blank_images_score_nothing():
         "grey": torch.zeros(100, 3, 32, 32),
         "white": torch.ones(100, 3, 32, 32),
     }.items():
-        scores = shapes.evaluate(x, spec_list)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                              # grey and white: no value below 0
+            scores = shapes.evaluate(x, spec_list)
         assert scores["all"] <= 0.02 and scores["count"] <= 0.05, (name, scores)

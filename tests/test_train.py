@@ -44,6 +44,19 @@ def test_reparameterised_pixart_computes_what_dit_computed_at_t500():
     assert all((b.cross_attn.proj.weight == 0).all() for b in pixart.blocks)
 
 
+def test_dit_grad_checkpointing_recomputes_the_same_gradients(monkeypatch):
+    real, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 5])
+    grads = []
+    for flag in (False, True):
+        dit = tiny_dit().train()
+        dit.grad_checkpointing, dit.config.class_dropout_prob = flag, 0.0
+        dit(x, t, y).square().mean().backward()
+        grads.append([p.grad for p in dit.parameters()])
+    assert len(calls) == 2 and all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*grads))   # one per block
+
+
 def test_dit_has_the_official_key_layout(tmp_path):
     with torch.device("meta"):                              # shapes only: DiT-XL/2 without 2.7 GB of memory
         dit = train.DiT(pm.PRESETS["PixArt-XL-2-256"], num_classes=1000)
@@ -64,8 +77,10 @@ def test_dit_has_the_official_key_layout(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     train.main(["--out", str(tmp_path / "a"), "--steps", "6", "--save-every", "3", *FAST])
-    train.main(["--out", str(tmp_path / "b"), "--steps", "3", "--save-every", "3", *FAST])   # "killed" at step 3
+    train.main(["--out", str(tmp_path / "c"), "--steps", "3", "--save-every", "3", *FAST])   # "killed" at step 3
+    (tmp_path / "c").rename(tmp_path / "b")                 # and moved: it goes on beside its checkpoint
     train.main(["--resume", str(tmp_path / "b" / "last.pt"), "--steps", "6"])
+    assert not (tmp_path / "c").exists()
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == len(b) == 6 and a == b
     wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
@@ -83,6 +98,21 @@ def test_resume_takes_a_gentler_lr_and_keeps_the_rest(tmp_path, capsys):
     assert "keeps the run's own --batch-size" in capsys.readouterr().out
     args = torch.load(tmp_path / "last.pt", weights_only=True)["args"]
     assert (args["steps"], args["lr"], args["batch_size"]) == (3, 1e-4, 8) and len(losses(tmp_path)) == 3
+
+
+def test_a_new_run_does_not_overwrite_an_old_one(tmp_path):
+    train.main(["--out", str(tmp_path), "--steps", "1", "--save-every", "1", *FAST])
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match=f"{tmp_path} already holds a run: --resume {tmp_path / 'last.pt'}"):
+        train.main(["--out", str(tmp_path), "--steps", "2", *FAST])
+    assert (tmp_path / "last.pt").read_bytes() == before and len(losses(tmp_path)) == 1
+
+
+def test_weights_that_do_not_fit_the_data_are_named(tmp_path):
+    pm.save_pixart(pm.PixArt(pm.PRESETS["tiny"]), tmp_path / "tiny.safetensors")    # 4 latent channels, not 3
+    for flag in ("--init", "--score"):
+        with pytest.raises(SystemExit, match="tiny.safetensors takes 4 latent channels, and this data has 3"):
+            train.main([flag, str(tmp_path / "tiny.safetensors"), "--out", str(tmp_path / "run"), *FAST])
 
 
 def test_a_checkpoint_from_before_the_schedule_options_resumes(tmp_path):
@@ -126,22 +156,27 @@ def test_logit_normal_timesteps_gather_in_the_middle():
     assert middle["logit-normal"] == pytest.approx(0.68, abs=0.01)           # one standard deviation of the normal
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("poison, message", [(lambda loss: loss * float("nan"), "the loss is nan and"),
+                                             (lambda loss: loss + (loss - loss).sqrt(), "gradients' norm nan")])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, poison, message):
+    """A NaN loss, or a finite loss with NaN gradients (sqrt's slope at 0), at the fifth step."""
     real = pm.training_loss
     calls = []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 5 else loss
+        return poison(loss) if len(calls) == 5 else loss
 
     monkeypatch.setattr(pm, "training_loss", poisoned)
     with pytest.raises(SystemExit) as e:
         train.main(["--out", str(tmp_path), "--steps", "10", "--save-every", "2", *FAST])
     assert e.value.code == 1
-    assert "loss is nan at step 4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert message in out and "at step 4" in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict_ema"].values())
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -185,6 +220,8 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys, monkeypat
         assert batch["x0"].shape[0] == 4 and batch["mask"].sum(1).min() > 0
         assert batch["hw"].shape == (4, 2) and batch["ar"].shape == (4, 1)
     assert len(losses(tmp_path / "run")) == 3
+    with pytest.raises(SystemExit, match="was precomputed at --image-size 64, not 32: give another --cache"):
+        train.main(["--data", str(data), "--out", str(tmp_path / "run32"), *FAST])
 
 
 def test_a_folder_without_a_usable_image_is_named(tmp_path):
@@ -220,6 +257,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
     assert scored == {"1obj": {k[5:]: v for k, v in row.items() if k.startswith("1obj_")}}   # the same EMA, prompts, seeds
     with pytest.raises(SystemExit, match="start stage 2 from it with --init-dit"):
         train.main(["--init", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "wrong"), *common])
+    with pytest.raises(SystemExit, match="is a PixArt, not a class-conditional DiT: continue from it with --init"):
+        train.main(["--init-dit", str(ROOT / "checkpoints" / "toy"), "--out", str(tmp_path / "wrong"), *common])
     train.main(["--init-dit", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "s2"), *common])  # text
     for name in ("last.pt", "pixart.safetensors"):                           # --score on either: the EMA weights
         train.main(["--score", str(tmp_path / "s2" / name), "--eval-n", "2", "--out", str(tmp_path / name)])
@@ -229,6 +268,9 @@ def test_the_three_stages_run_end_to_end(tmp_path):
     m32, m64 = (pm.load_pixart(tmp_path / s / "pixart.safetensors") for s in ("s2", "s3"))
     assert (m32.config.input_size, m64.config.input_size, m64.config.pe_interpolation) == (32, 64, 2.0)
     assert m32.config.prediction == m64.config.prediction == "v"          # the target travels with the weights
+    train.main(["--score", str(tmp_path / "s3" / "last.pt"), "--eval-n", "2", "--out", str(tmp_path / "score64")])
+    grid64 = Image.open(tmp_path / "score64" / "score_samples.png").size   # drawn at the model's own 64 px
+    assert grid64[0] > Image.open(tmp_path / "last.pt" / "score_samples.png").size[0]
     D = m32.config.hidden_size
     # the 64 px grid's position table spans the same range: every other row and column is the 32 px table
     assert torch.allclose(m64.pos_embed.reshape(32, 32, D)[::2, ::2], m32.pos_embed.reshape(16, 16, D), atol=1e-6)
@@ -239,6 +281,10 @@ def test_the_three_stages_run_end_to_end(tmp_path):
                                            (["--preset", "huge"], "invalid choice"),
                                            (["--steps", "0"], "must be positive"),
                                            (["--warmup", "0"], "--warmup must be at least 1"),
+                                           (["--ema", "1"], "--ema must be from 0 to below 1"),
+                                           (["--null-prob", "2"], "--null-prob from 0 to 1"),
+                                           (["--clip", "0"], "--clip above 0"),
+                                           (["--init-dit", ".", "--cond", "class"], "leave out --cond class"),
                                            (["--eval-steps", "1000"], "--eval-steps must be from 1 to 999"),
                                            (["--eval-seed", "-1"], "--eval-seed must be 0 or more"),
                                            (["--two-objects", "1.5"], "--two-objects is a share, from 0 to 1"),
