@@ -367,8 +367,8 @@ def save_checkpoint(path, model, ema, opt, step, args):
     """Write to a temporary file, then rename: a run killed mid-write never leaves a half-written checkpoint."""
     ckpt = dict(kind="dit" if isinstance(model, DiT) else "pixart", config=asdict(model.config),
                 num_classes=getattr(model, "num_classes", None), has_null_caption=model.has_null_caption,
-                state_dict=model.state_dict(),
-                state_dict_ema=ema.state_dict(), optimizer=opt.state_dict(), step=step, args=vars(args))
+                state_dict=model.state_dict(), state_dict_ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
+                args=vars(args))
     tmp = Path(str(path) + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -546,8 +546,9 @@ def main(argv=None):
 
     # 2. The model: from scratch, fine-tuned, re-parameterised from a DiT, or resumed.
     torch.manual_seed(args.seed)                           # the same start for the same seed
-    config = pm.PixArtConfig(**{**asdict(pm.PRESETS[args.preset]), "input_size": args.image_size // data.downscale, "in_channels": data.channels,
-                                "caption_channels": data.caption_channels, "model_max_length": data.length,
+    config = pm.PixArtConfig(**{**asdict(pm.PRESETS[args.preset]), "input_size": args.image_size // data.downscale,
+                                "in_channels": data.channels, "caption_channels": data.caption_channels,
+                                "model_max_length": data.length,
                                 **({"prediction": args.prediction} if args.prediction else {})})
     if args.resume:
         model = load_model(args.resume)
