@@ -12,18 +12,20 @@ Times are medians over --repeats after a warm-up; our calls and diffusers' take 
 steps: two optimisers' state do not fit side by side in this machine's 23 GB, so one side runs after the other,
 in the order ours, theirs, theirs, ours, and each side's time is the mean of its two medians. "ratio"
 is ours / diffusers, so below 1 means we are faster. Peak memory is the most one call needs on top of what was
-allocated before it, measured in one extra, untimed call (for the loops a 2-step loop, which holds as much as a
-20-step one): on a GPU what torch's allocator reports, on the CPU the most bytes of tensors the call has made
+allocated before it, measured in one extra, untimed call (for the loops a 3-step loop, the shortest with a
+second-order step, which holds as much as a 20-step one): on a GPU what torch's allocator reports, on the CPU the most bytes of tensors the call has made
 that are alive at once (TensorBytes; not measured for compiled models, whose buffers it cannot see).
 Needs diffusers (requirements-test.txt); pixart-min itself never imports it.
 """
 import argparse
 import gc
 import json
+import re
 import statistics
 import time
 import weakref
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,8 +33,9 @@ from torch.utils._pytree import tree_leaves
 
 import pixart_min as pm
 
-# bf16 dense peaks in TFLOP/s, from the vendors' data sheets (without sparsity)
-PEAK_BF16 = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165}
+# bf16 dense peaks in TFLOP/s, from the vendors' data sheets (without sparsity); None: a card not listed here
+PEAK_BF16 = {"H100 PCIe": 756, "H100 NVL": None, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125,
+             "4090": 165}
 
 SIZES = {  # name -> (config, latent side, caption tokens, training batch on a GPU)
     "toy": (pm.PRESETS["toy"], 32, 24, 256),
@@ -196,7 +199,7 @@ def median_times(fns, repeats, device, warmup=None):
 
 def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch):
     """name -> (our job, diffusers' job, FLOPs of one job). A job is a function of no arguments, except that
-    the loops take a number of steps (their warm-up is two steps) and the training steps are built first
+    the loops take a number of steps (their warm-up is three steps) and the training steps are built first
     (each builds its own optimiser)."""
     from diffusers import PixArtAlphaPipeline
     from tests.conftest import pixart_scheduler
@@ -245,7 +248,7 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch
 def peak_tflops(device):
     name = torch.cuda.get_device_name(device)
     for key in sorted(PEAK_BF16, key=len, reverse=True):           # "H100 PCIe" before "H100"
-        if key in name:
+        if re.search(rf"\b{key}\b", name):                           # a whole word: "A100" is not "A1000"
             return PEAK_BF16[key]
     return None
 
@@ -273,7 +276,7 @@ def run(size, device, repeats, steps, results, compile_=False):
             elif training:
                 timed = median_times([mine(), other()], repeats, device)
             else:
-                warmup = (lambda fn: lambda: fn(2)) if "loop" in name else None
+                warmup = (lambda fn: lambda: fn(3)) if "loop" in name else None
                 timed = median_times([mine, other], repeats, device, warmup)
         for model in (ours, theirs):
             model.to("cpu").eval().requires_grad_(False)
@@ -302,13 +305,23 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile both models (in place) before timing")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.steps < 2:
-        p.error("--repeats must be at least 1 and --steps at least 2 (diffusers' pipeline treats 1 step apart)")
-    gpu = args.device.startswith("cuda")
+    if args.repeats < 1 or not 2 <= args.steps < pm.T:
+        p.error(f"--repeats must be at least 1 and --steps from 2 to {pm.T - 1} (diffusers' pipeline treats 1 apart)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r}: cpu, cuda or cuda:N")
+    if args.json and not Path(args.json).parent.is_dir():
+        p.error(f"--json {args.json}: no folder {Path(args.json).parent}")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench.py compares against diffusers, which is not installed: bash setup.sh test") from None
+    gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda, but torch sees no GPU")
-    if gpu:
-        torch.cuda.set_device(args.device)                         # the synchronize and memory calls read this one
+    if gpu:                                  # the synchronize and memory calls read the current card ("cuda": 0)
+        torch.cuda.set_device(device.index or 0)
     sizes = args.sizes or (["XL-256", "XL-512", "XL-1024"] if gpu else ["toy", "XL-256"])
     where = torch.cuda.get_device_name(args.device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; medians of {args.repeats}; ratio = ours / diffusers"
@@ -316,9 +329,9 @@ def main(argv=None):
     results = []
     for size in sizes:
         run(size, args.device, args.repeats, args.steps, results, args.compile)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=where, torch=torch.__version__, results=results), f, indent=1)
+        if args.json:                        # after every size: a later one that fails loses nothing before it
+            with open(args.json, "w") as f:
+                json.dump(dict(device=where, torch=torch.__version__, results=results), f, indent=1)
     return results
 
 

@@ -138,6 +138,33 @@ def test_bench_times_the_same_work_on_both_sides():
     assert max_err(a, b) <= 1e-4 * b.abs().max().item()
 
 
+@pytest.mark.parametrize("argv, message", [(["--device", "gpu"], "--device 'gpu': cpu, cuda or cuda:N"),
+                                           (["--steps", "1000"], "--steps from 2 to 999"),
+                                           (["--json", "/no/such/folder/x.json"], "no folder /no/such/folder")])
+def test_bench_names_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, index", [("cuda", 0), ("cuda:1", 1)])
+def test_bench_selects_the_card_it_is_given(device, index, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: chosen.append("name") or "a card")
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(bench, "run", lambda *a: None)                      # no GPU here: stop before the timing
+    bench.main(["--device", device, "--sizes", "toy"])
+    assert chosen[0] == index
+
+
+def test_bench_knows_a_cards_peak_only_by_its_whole_name(monkeypatch):
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-80GB", 312),
+                       ("NVIDIA H100 NVL", None), ("NVIDIA RTX A1000 6GB Laptop GPU", None), ("NVIDIA A10G", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+        assert bench.peak_tflops("cuda") == peak, name
+
+
 def test_tensor_bytes_counts_the_tensors_alive_at_once():
     """bench.TensorBytes, the CPU's peak memory: new storages count from creation to release, including the
     ones only autograd still holds; views and in-place results are not new memory."""
