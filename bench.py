@@ -13,8 +13,9 @@ steps: two optimisers' state do not fit side by side in this machine's 23 GB, so
 in the order ours, theirs, theirs, ours, and each side's time is the mean of its two medians. "ratio"
 is ours / diffusers, so below 1 means we are faster. Peak memory is the most one call needs on top of what was
 allocated before it, measured in one extra, untimed call (for the loops a 3-step loop, the shortest with a
-second-order step, which holds as much as a 20-step one): on a GPU what torch's allocator reports, on the CPU the most bytes of tensors the call has made
-that are alive at once (TensorBytes; not measured for compiled models, whose buffers it cannot see).
+second-order step, which holds as much as a 20-step one): on a GPU what torch's allocator reports, on the CPU
+the most bytes of tensors the call has made that are alive at once (TensorBytes; not measured for compiled
+models, whose buffers it cannot see).
 Needs diffusers (requirements-test.txt); pixart-min itself never imports it.
 """
 import argparse
