@@ -23,6 +23,7 @@ import time
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -481,7 +482,9 @@ def main(argv=None):
         args.out = str(Path(args.resume).parent)                     # the run goes on beside its checkpoint
     ddp = "RANK" in os.environ                             # launched by torchrun
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # rank 0 alone precomputes a new data folder's cache while the others wait at a barrier: hours for a large
+        # folder, where NCCL's default timeout would end the run after 10 minutes
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
         rank, world = dist.get_rank(), dist.get_world_size()
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
         if device != "cpu":
