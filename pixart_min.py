@@ -331,20 +331,14 @@ def timesteps(steps, start=T - 1):
     return torch.linspace(0, start, steps + 1, dtype=torch.float64).round().flip(0)[:-1].long()
 
 
-@torch.no_grad()
-def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_scale=4.5, sampler="dpm-solver",
-           hw=None, ar=None, generator=None, progress=False, start=T - 1):
-    """Denoise `noise` (B, C, H, W) into clean latents, guided by captions y (B, L, C_text) with mask (B, L).
-    The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given.
-    A lower `start` finishes a picture already noised to that step (q_sample) instead of pure noise.
-    `generator` draws ddpm's noise: one for the batch, or a list of one per picture (each its own, whatever B)."""
+def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler, generator, start):
+    """sample()'s arguments, checked before any work, each mistake by name. Returns steps and start as ints."""
     if sampler not in ("dpm-solver", "ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
     if not (int(start) == start and 1 <= start < T):
         raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
     if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
         raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
-    steps, start = int(steps), int(start)
     if model.training:
         raise ValueError("sample needs model.eval(): in training mode the model drops captions at random")
     if isinstance(generator, list) and len(generator) != len(noise):
@@ -361,12 +355,26 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         if not model.has_null_caption:
             raise ValueError("this model's weights carry no null caption (diffusers format): pass null_y and "
                              "null_mask, the features of the negative prompt ('' by default)")
-        null_y = model.y_embedder.y_embedding[None, :y.shape[1]].expand_as(y)   # the official guidance: the
-        null_mask = mask                                                      # null caption, prompt's mask
-    if (null_mask is None) != (mask is None):
-        raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens are real")
-    if len(null_y) != len(y):
-        raise ValueError(f"{len(null_y)} null captions for {len(y)} captions: give one per caption")
+    else:
+        if (null_mask is None) != (mask is None):
+            raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens "
+                             "are real")
+        if len(null_y) != len(y):
+            raise ValueError(f"{len(null_y)} null captions for {len(y)} captions: give one per caption")
+    return int(steps), int(start)
+
+
+@torch.no_grad()
+def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_scale=4.5, sampler="dpm-solver",
+           hw=None, ar=None, generator=None, progress=False, start=T - 1):
+    """Denoise `noise` (B, C, H, W) into clean latents, guided by captions y (B, L, C_text) with mask (B, L).
+    The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given.
+    A lower `start` finishes a picture already noised to that step (q_sample) instead of pure noise.
+    `generator` draws ddpm's noise: one for the batch, or a list of one per picture (each its own, whatever B)."""
+    steps, start = check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler,
+                                     generator, start)
+    if null_y is None:                       # the official guidance: the null caption, with the prompt's mask
+        null_y, null_mask = model.y_embedder.y_embedding[None, :y.shape[1]].expand_as(y), mask
     B, C, dtype = len(noise), model.config.in_channels, next(model.parameters()).dtype
     y2, m2 = torch.cat([null_y, y]), None if mask is None else torch.cat([null_mask, mask])
     if m2 is not None and m2.any():          # padding that every caption masks changes nothing: drop it once
