@@ -223,14 +223,16 @@ def jobs(ours, theirs, config, side, text_len, device, dtype, steps, train_batch
                          steps=n, **micro(one))
 
     def their_loop(n=steps):
-        return pipe(negative_prompt=None, prompt_embeds=one["y"], prompt_attention_mask=one["mask"], negative_prompt_embeds=g["y"][1:],
+        return pipe(negative_prompt=None, prompt_embeds=one["y"], prompt_attention_mask=one["mask"],
+                    negative_prompt_embeds=g["y"][1:],
                     negative_prompt_attention_mask=g["mask"][1:], latents=noise, num_inference_steps=n,
                     height=side * 8, width=side * 8, use_resolution_binning=False, output_type="latent",
                     guidance_scale=4.5).images
 
     def train_step(model, call):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.03, eps=1e-10)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                    else torch.autocast("cpu", enabled=False))
         def step():
             with autocast:
                 loss = pm.training_loss(call, b["x"].float(), b["y"], b["mask"], t=b["t"], **micro(b),
@@ -292,7 +294,8 @@ def run(size, device, repeats, steps, results, compile_=False):
                 f"{row['diffusers']['seconds'] * 1e3:9.1f} ms  ratio {row['ratio']:.2f}   peak MiB ours "
                 f"{row['ours']['peak_mib']:7.1f} diffusers {row['diffusers']['peak_mib']:7.1f}")
         if peak:
-            line += f"   ours {row['ours']['tflops']:.0f} TFLOP/s = {100 * row['ours']['tflops'] / peak:.0f}% of bf16 peak"
+            tflops = row["ours"]["tflops"]
+            line += f"   ours {tflops:.0f} TFLOP/s = {100 * tflops / peak:.0f}% of bf16 peak"
         print(line, flush=True)
         results.append(row)
 
@@ -300,7 +303,8 @@ def run(size, device, repeats, steps, results, compile_=False):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="default: toy XL-256 on the CPU, XL-256/512/1024 on a GPU")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES),
+                   help="default: toy XL-256 on the CPU, XL-256/512/1024 on a GPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the loop")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (in place) before timing")

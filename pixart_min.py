@@ -236,7 +236,8 @@ class PixArt(nn.Module):
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if y.shape[-1] != c.caption_channels:
             raise ValueError(f"caption features have {y.shape[-1]} channels, the model expects {c.caption_channels}")
-        # .contiguous(): as a transposed view, the tokens would keep their strides through every add and slow the linears
+        # .contiguous(): as a transposed view, the tokens would keep their strides through every add and slow the
+        # linears
         x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d").contiguous()   # (B, N, D), N = HW/p^2
         x = x + self.pos_embed_for(H // p, W // p)                                 # (B, N, D)
         t = self.t_embedder(t)                                                     # (B, D)
@@ -247,7 +248,8 @@ class PixArt(nn.Module):
             t = t + torch.cat([csize, self.ar_embedder(ar.reshape(-1))], dim=1)     # (B, D)
         t0 = self.t_block(t)                                                       # (B, 6D)
         if force_drop_ids is not None or (self.training and c.class_dropout_prob > 0):
-            drop = torch.rand(B, device=y.device) < c.class_dropout_prob if force_drop_ids is None else force_drop_ids.bool()
+            drop = (torch.rand(B, device=y.device) < c.class_dropout_prob if force_drop_ids is None
+                    else force_drop_ids.bool())
             y = torch.where(drop[:, None, None], self.y_embedder.y_embedding[:y.shape[1]].to(y), y)  # null caption
         y = self.y_embedder.y_proj(y.to(x.dtype))                                  # (B, L, D)
         for block in self.blocks:
@@ -331,39 +333,6 @@ def timesteps(steps, start=T - 1):
     return torch.linspace(0, start, steps + 1, dtype=torch.float64).round().flip(0)[:-1].long()
 
 
-def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler, generator, start):
-    """sample()'s arguments, checked before any work, each mistake by name. Returns steps and start as ints."""
-    if sampler not in ("dpm-solver", "ddim", "ddpm"):
-        raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
-    if not (int(start) == start and 1 <= start < T):
-        raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
-    if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
-        raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
-    if model.training:
-        raise ValueError("sample needs model.eval(): in training mode the model drops captions at random")
-    if isinstance(generator, list) and len(generator) != len(noise):
-        raise ValueError(f"{len(generator)} generators for {len(noise)} pictures: give one per picture, or one")
-    if sampler == "ddpm" and not model.config.learn_sigma:
-        raise ValueError("ddpm draws with the learned variance, and this model does not learn sigma: "
-                         "use dpm-solver or ddim")
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
-    if null_y is None:
-        if y.shape[1] > model.config.model_max_length:
-            raise ValueError(f"captions of {y.shape[1]} tokens, but the model's null caption has "
-                             f"{model.config.model_max_length}: encode them to that length")
-        if not model.has_null_caption:
-            raise ValueError("this model's weights carry no null caption (diffusers format): pass null_y and "
-                             "null_mask, the features of the negative prompt ('' by default)")
-    else:
-        if (null_mask is None) != (mask is None):
-            raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens "
-                             "are real")
-        if len(null_y) != len(y):
-            raise ValueError(f"{len(null_y)} null captions for {len(y)} captions: give one per caption")
-    return int(steps), int(start)
-
-
 @torch.no_grad()
 def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_scale=4.5, sampler="dpm-solver",
            hw=None, ar=None, generator=None, progress=False, start=T - 1):
@@ -402,7 +371,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
             z = (torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
                  if isinstance(generator, list) else torch.randn(x.shape, generator=generator))
             x = mean + (0.5 * logvar).exp() * z.to(x.device)
-        else:                                                            # DPM-Solver++(2M), in lambda = log(alpha/sigma)
+        else:                                                 # DPM-Solver++(2M), in lambda = log(alpha/sigma)
             lam = lambda a: 0.5 * math.log(a / (1 - a))
             h = lam(a_s) - lam(a_t)
             d = x0
@@ -412,6 +381,40 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
             x = math.sqrt((1 - a_s) / (1 - a_t)) * x - math.sqrt(a_s) * math.expm1(-h) * d
             x0_prev = x0
     return x
+
+
+def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler, generator, start):
+    """sample()'s arguments, checked before any work, each mistake by name. Returns steps and start as ints."""
+    if sampler not in ("dpm-solver", "ddim", "ddpm"):
+        raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
+    if not (int(start) == start and 1 <= start < T):
+        raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
+    if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
+        raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
+    if model.training:
+        raise ValueError("sample needs model.eval(): in training mode the model drops captions at random")
+    if isinstance(generator, list) and len(generator) != len(noise):
+        raise ValueError(f"{len(generator)} generators for {len(noise)} pictures: give one per picture, or one")
+    if sampler == "ddpm" and not model.config.learn_sigma:
+        raise ValueError("ddpm draws with the learned variance, and this model does not learn sigma: "
+                         "use dpm-solver or ddim")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
+    if null_y is None:
+        if y.shape[1] > model.config.model_max_length:
+            raise ValueError(f"captions of {y.shape[1]} tokens, but the model's null caption has "
+                             f"{model.config.model_max_length}: encode them to that length")
+        if not model.has_null_caption:
+            raise ValueError("this model's weights carry no null caption (diffusers format): pass null_y and "
+                             "null_mask, the features of the negative prompt ('' by default)")
+    else:
+        if (null_mask is None) != (mask is None):
+            raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens "
+                             "are real")
+        if len(null_y) != len(y):
+            raise ValueError(f"{len(null_y)} null captions for {len(y)} captions: give one per caption")
+    return int(steps), int(start)
+
 
 
 # ==================== Text: sentencepiece pieces -> T5 features ===============
@@ -518,21 +521,24 @@ def config_from_diffusers(cfg):
     return dict(input_size=size, patch_size=cfg["patch_size"], in_channels=c_in, depth=cfg["num_layers"],
                 hidden_size=cfg["num_attention_heads"] * cfg["attention_head_dim"],
                 num_heads=cfg["num_attention_heads"], caption_channels=cfg["caption_channels"],
-                learn_sigma=cfg.get("out_channels") == 2 * c_in, micro_condition=size == 128 if micro is None else micro,
+                learn_sigma=cfg.get("out_channels") == 2 * c_in,
+                micro_condition=size == 128 if micro is None else micro,
                 pe_interpolation=cfg.get("interpolation_scale") or max(size // 64, 1))
 
 
-def config_from_weights(sd):
-    """What the tensors' shapes tell. Head count is not in the weights: XL has 16 heads, DiT's others 64 wide."""
+def config_from_weights(sd, captions=True):
+    """What the tensors' shapes tell. Head count is not in the weights: XL has 16 heads, DiT's others 64 wide.
+    captions=False: a class-conditional DiT's weights (stage 1), which have no caption projection."""
     try:
         D, c_in, p = sd["x_embedder.proj.weight"].shape[:3]
         cfg = dict(patch_size=p, in_channels=c_in, hidden_size=D, num_heads=16 if D == 1152 else max(D // 64, 1),
                    depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
-                   caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
                    model_max_length=len(sd.get("y_embedder.y_embedding", range(120))),
                    learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * c_in,
                    micro_condition="csize_embedder.mlp.0.weight" in sd)
+        if captions:
+            cfg["caption_channels"] = sd["y_embedder.y_proj.fc1.weight"].shape[1]
     except KeyError as e:
         raise ValueError(f"not a PixArt checkpoint: it has no {e} (first keys: {sorted(sd)[:3]})") from None
     if "pos_embed" in sd:                                                # (1, (input_size/p)^2, D)

@@ -16,51 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from data import TOY, bucket, resize_and_crop
 from pixart_min import T, T5_FILES, T5TextEncoder, load_pixart, local_folder, sample
 from vae import VAE_FILES, AutoencoderKL, Pixels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE = ["transformer", "text_encoder", "tokenizer", "vae"]  # the folders of a diffusers pipeline we read
-TOY = Path(__file__).parent / "checkpoints" / "toy"   # the bundled model: pixart.safetensors, text_encoder/, tokenizer/
-
-# The 33 aspect-ratio buckets PixArt-alpha 1024-MS samples at, h/w -> (height, width) in pixels; for a model
-# trained at 512 or 256 px the sizes scale by 512/1024 or 256/1024. (Official code; diffusers ASPECT_RATIO_1024_BIN.)
-ASPECT_RATIOS = {
-    0.25: (512, 2048), 0.28: (512, 1856), 0.32: (576, 1792), 0.33: (576, 1728), 0.35: (576, 1664),
-    0.4: (640, 1600), 0.42: (640, 1536), 0.48: (704, 1472), 0.5: (704, 1408), 0.52: (704, 1344),
-    0.57: (768, 1344), 0.6: (768, 1280), 0.68: (832, 1216), 0.72: (832, 1152), 0.78: (896, 1152),
-    0.82: (896, 1088), 0.88: (960, 1088), 0.94: (960, 1024), 1.0: (1024, 1024), 1.07: (1024, 960),
-    1.13: (1088, 960), 1.21: (1088, 896), 1.29: (1152, 896), 1.38: (1152, 832), 1.46: (1216, 832),
-    1.67: (1280, 768), 1.75: (1344, 768), 2.0: (1408, 704), 2.09: (1472, 704), 2.4: (1536, 640),
-    2.5: (1600, 640), 3.0: (1728, 576), 4.0: (2048, 512),
-}
-
-
-# training uses 7 more, the most extreme ratios (the inference table skips them)
-ASPECT_RATIOS_TRAIN = {**ASPECT_RATIOS, 0.26: (512, 1984), 0.27: (512, 1920), 2.89: (1664, 576), 3.11: (1792, 576),
-                       3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512)}
-
-
-def bucket(h, w, native, multiple, table=ASPECT_RATIOS):
-    """The bucket whose aspect ratio is closest to h/w, at the model's native size (diffusers'
-    classify_height_width_bin), rounded to a size the model can take (a no-op for the official models)."""
-    ratio = min(table, key=lambda r: abs(r - h / w))
-    return tuple(max(multiple, round(v * native / 1024 / multiple) * multiple) for v in table[ratio])
-
-
-def resize_and_crop(images, h, w):
-    """Scale (B, 3, H, W) images to cover h x w, then cut out the centre (diffusers' resize_and_crop_tensor)."""
-    H, W = images.shape[-2:]
-    if (H, W) == (h, w):
-        return images
-    s = max(h / H, w / W)
-    rh, rw = max(h, int(H * s)), max(w, int(W * s))
-    images = F.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
-    top, left = (rh - h) // 2, (rw - w) // 2
-    return images[:, :, top:top + h, left:left + w]                   # (B, 3, h, w)
 
 
 def load_components(args, dtype):
@@ -123,7 +86,9 @@ def check_args(args, error):
         if args.model:
             args.model = local_folder(args.model, [f"{d}/*" for d in PIPELINE])
             toy = (args.model / "pixart.safetensors").is_file()       # no vae/: its latents are the pixels
-            if missing := [d for d in PIPELINE if not (args.model / d).is_dir() and not (toy and d in ("transformer", "vae"))]:
+            own = ("transformer", "vae") if toy else ()
+            missing = [d for d in PIPELINE if not (args.model / d).is_dir() and d not in own]
+            if missing:
                 error(f"{args.model} is not a PixArt pipeline folder: it has no {', '.join(missing)} folder")
         if args.ckpt and not Path(args.ckpt).is_file():
             error(f"no such checkpoint file: {args.ckpt}")
@@ -135,7 +100,8 @@ def check_args(args, error):
     return prompts
 
 
-def main(argv=None):
+def make_parser():
+    """sample.py's options; check_args checks them."""
     parser = argparse.ArgumentParser(prog="sample.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="one picture per prompt (times --n)")
@@ -161,6 +127,11 @@ def main(argv=None):
     parser.add_argument("--latents", action="store_true", help="also save the clean latents as .pt beside each PNG")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the transformer: a slow first step, faster ones after (worth it on GPUs)")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     if not (args.model or args.ckpt) and (TOY / "pixart.safetensors").is_file():
         args.model = str(TOY)                                         # the bundled toy model
@@ -222,6 +193,11 @@ def main(argv=None):
         free(device)
 
     # 3. Decode, bring to the asked size, save: never over an existing file.
+    save_pictures(vae, prompts, latents, H, W, args, device, dtype)
+
+
+def save_pictures(vae, prompts, latents, H, W, args, device, dtype):
+    """Decode each prompt's latents, resize and crop them to H x W, and save them as numbered PNGs in --out."""
     vae.to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +207,7 @@ def main(argv=None):
         images = resize_and_crop(images, H, W).clamp(-1, 1)                         # (n, 3, H, W)
         pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "empty"
-        for k in range(n):
+        for k in range(len(lat)):
             path = out / f"{index:05d}-{slug}.png"
             Image.fromarray(np.ascontiguousarray(pixels[k])).save(path)
             print(path)

@@ -4,12 +4,11 @@
 import inspect
 import json
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from pixart_min import local_folder
 
 VAE_FILES = ["vae/*", "config.json", "diffusion_pytorch_model*"]   # what to download of a hub id: the VAE alone
 
@@ -186,8 +185,9 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None):
-        """Load a diffusers VAE folder (config.json + weights), a pipeline folder that holds vae/, or a hub id."""
-        folder = local_folder(folder, VAE_FILES)
+        """Load a diffusers VAE folder (config.json + weights) or a pipeline folder that holds vae/. For a hub id,
+        download it first: pixart_min.local_folder(hub_id, VAE_FILES)."""
+        folder = Path(folder)
         if (folder / "vae" / "config.json").is_file():
             folder = folder / "vae"
         if not (folder / "config.json").is_file():

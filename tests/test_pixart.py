@@ -133,7 +133,8 @@ def test_bench_times_the_same_work_on_both_sides():
         assert r["ours"]["seconds"] > 0 and r["diffusers"]["seconds"] > 0
         assert r["ratio"] == pytest.approx(r["ours"]["seconds"] / r["diffusers"]["seconds"])
     ours, theirs = bench.twins(PRESETS["toy"])
-    our_loop, their_loop, _ = bench.jobs(ours, theirs, PRESETS["toy"], 32, 24, "cpu", torch.float32, 3, 2)["3-step loop"]
+    jobs = bench.jobs(ours, theirs, PRESETS["toy"], 32, 24, "cpu", torch.float32, 3, 2)
+    our_loop, their_loop, _ = jobs["3-step loop"]
     a, b = our_loop(), their_loop()
     assert max_err(a, b) <= 1e-4 * b.abs().max().item()
 
@@ -509,7 +510,8 @@ def test_ddim_matches_diffusers(sampler_setup, steps, monkeypatch):
 
 @pytest.mark.parametrize("sampler", ["dpm-solver", "ddim"])
 def test_v_prediction_matches_diffusers(sampler_setup, sampler, monkeypatch):
-    """A model that predicts v (the toy's target): our samplers against diffusers' with prediction_type="v_prediction"."""
+    """A model that predicts v (the toy's target): our samplers against diffusers' with
+    prediction_type="v_prediction"."""
     model, noise, y, mask, null_y, null_mask = sampler_setup
     vmodel = as_denoiser(model, VDenoiser, prediction="v")
     if sampler == "ddim":                                                  # the evenly spaced grid, as above

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import sample
 from pixart_min import load_pixart, save_pixart
 
@@ -53,12 +54,12 @@ def test_micro_condition_bins_then_crops(pipeline_dir_micro, tmp_path, capsys):
 def test_buckets_match_the_reference():
     from diffusers.image_processor import PixArtImageProcessor
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN, ASPECT_RATIO_512_BIN
-    assert sample.ASPECT_RATIOS == {float(k): tuple(map(int, v)) for k, v in ASPECT_RATIO_1024_BIN.items()}
+    assert data.ASPECT_RATIOS == {float(k): tuple(map(int, v)) for k, v in ASPECT_RATIO_1024_BIN.items()}
     for h, w in [(1024, 1024), (720, 1280), (1080, 1920), (300, 1500), (2000, 480), (900, 1000), (777, 555)]:
         for native, table in [(1024, ASPECT_RATIO_1024_BIN), (512, ASPECT_RATIO_512_BIN)]:
-            assert sample.bucket(h, w, native, 16) == PixArtImageProcessor.classify_height_width_bin(h, w, table)
+            assert data.bucket(h, w, native, 16) == PixArtImageProcessor.classify_height_width_bin(h, w, table)
     x = torch.randn(2, 3, 12, 20)
-    assert torch.equal(sample.resize_and_crop(x, 20, 36), PixArtImageProcessor.resize_and_crop_tensor(x, 36, 20))
+    assert torch.equal(data.resize_and_crop(x, 20, 36), PixArtImageProcessor.resize_and_crop_tensor(x, 36, 20))
 
 
 def test_ckpt_with_t5_and_vae(pipeline_dir, tmp_path, capsys):
@@ -156,8 +157,8 @@ def test_a_toy_model_folder_samples_in_pixel_space(tmp_path, capsys):
 
     from pixart_min import PRESETS, PixArt
     folder = tmp_path / "toy"
-    shutil.copytree(sample.TOY / "text_encoder", folder / "text_encoder")
-    shutil.copytree(sample.TOY / "tokenizer", folder / "tokenizer")
+    shutil.copytree(data.TOY / "text_encoder", folder / "text_encoder")
+    shutil.copytree(data.TOY / "tokenizer", folder / "tokenizer")
     save_pixart(PixArt(PRESETS["toy"]), folder / "pixart.safetensors")
     paths = run(capsys, "a large red circle", "--model", folder, "--out", tmp_path / "out", "--latents")
     assert len(paths) == 1 and Image.open(paths[0]).size == (32, 32)

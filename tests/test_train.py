@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 import pixart_min as pm
+import data
 import train
 from conftest import diffusers_vae, randomize_, write_t5_dir
+from dit import DiT, reparameterize
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "0", "--lr", "1e-3", "--warmup", "2"]
@@ -27,12 +29,12 @@ def losses(folder):
 def tiny_dit(seed=0):
     config = pm.PixArtConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_heads=2,
                              caption_channels=32, model_max_length=6)
-    return randomize_(train.DiT(config, num_classes=5), seed).eval()
+    return randomize_(DiT(config, num_classes=5), seed).eval()
 
 
 def test_reparameterised_pixart_computes_what_dit_computed_at_t500():
     dit = tiny_dit()
-    pixart = train.reparameterize(dit, t=500).eval()
+    pixart = reparameterize(dit, t=500).eval()
     torch.manual_seed(0)
     x, y, mask = torch.randn(3, 4, 8, 8), torch.randn(3, 6, 32), torch.ones(3, 6)
     t, null = torch.full((3,), 500), torch.full((3,), 5)
@@ -59,7 +61,7 @@ def test_dit_grad_checkpointing_recomputes_the_same_gradients(monkeypatch):
 
 def test_dit_has_the_official_key_layout(tmp_path):
     with torch.device("meta"):                              # shapes only: DiT-XL/2 without 2.7 GB of memory
-        dit = train.DiT(pm.PRESETS["PixArt-XL-2-256"], num_classes=1000)
+        dit = DiT(pm.PRESETS["PixArt-XL-2-256"], num_classes=1000)
     sd = dit.state_dict()
     assert sd["y_embedder.embedding_table.weight"].shape == (1001, 1152)
     assert sd["blocks.27.adaLN_modulation.1.weight"].shape == (6912, 1152)
@@ -184,7 +186,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     args = ["--steps", "4", "--save-every", "4", *FAST]
     train.main(["--out", str(tmp_path / "one"), *args])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517",
                           str(ROOT / "train.py"), "--out", str(tmp_path / "two"), *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -198,22 +201,22 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys, monkeypatch):
     """Real data, with --t5 and --vae given as hub ids: the hub is a stand-in that hands out local folders."""
-    data = tmp_path / "photos"
-    data.mkdir()
+    photos = tmp_path / "photos"
+    photos.mkdir()
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate([(64, 64), (66, 66), (48, 96), (50, 100), (96, 48), (64, 64)]):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a photo number {i} of a red circle")
-    (data / "broken.png").write_bytes(b"not a png at all")
-    (data / "broken.txt").write_text("a broken file")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+        (photos / f"{i}.txt").write_text(f"a photo number {i} of a red circle")
+    (photos / "broken.png").write_bytes(b"not a png at all")
+    (photos / "broken.txt").write_text("a broken file")
     hub = {"test-org/t5": write_t5_dir(tmp_path / "t5"), "test-org/vae": tmp_path / "vae"}
     diffusers_vae().save_pretrained(hub["test-org/vae"])
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns: str(hub[repo]))
-    train.main(["--data", str(data), "--t5", "test-org/t5", "--vae", "test-org/vae", "--image-size", "64",
+    train.main(["--data", str(photos), "--t5", "test-org/t5", "--vae", "test-org/vae", "--image-size", "64",
                 "--out", str(tmp_path / "run"), "--steps", "3", "--save-every", "3", *FAST, "--eval-every", "3"])
     out = capsys.readouterr().out
     assert "precomputed 6 images" in out and "skipped 1 unreadable" in out
-    folder = train.FolderData(data / ".pixart_cache")
+    folder = data.FolderData(photos / ".pixart_cache")
     assert set(folder.names) == {"64x64", "44x88", "88x44"}       # 1:1, 1:2 and 2:1 buckets at 64 px
     for seed in range(5):
         batch = folder.batch(np.random.default_rng(seed), 4)
@@ -221,7 +224,7 @@ def test_real_data_folder_buckets_and_corrupt_images(tmp_path, capsys, monkeypat
         assert batch["hw"].shape == (4, 2) and batch["ar"].shape == (4, 1)
     assert len(losses(tmp_path / "run")) == 3
     with pytest.raises(SystemExit, match="was precomputed at --image-size 64, not 32: give another --cache"):
-        train.main(["--data", str(data), "--out", str(tmp_path / "run32"), *FAST])
+        train.main(["--data", str(photos), "--out", str(tmp_path / "run32"), *FAST])
 
 
 def test_a_folder_without_a_usable_image_is_named(tmp_path):
@@ -254,7 +257,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
     assert {k for k in row if k.startswith("1obj_")} == {"1obj_shape", "1obj_circle", "1obj_square", "1obj_triangle"}
     assert 0 <= row["1obj_shape"] <= 1 and (tmp_path / "s1" / "samples_000002.png").exists()
     scored = train.main(["--score", str(tmp_path / "s1" / "last.pt"), "--eval-n", "3", "--out", str(tmp_path / "s1")])
-    assert scored == {"1obj": {k[5:]: v for k, v in row.items() if k.startswith("1obj_")}}   # the same EMA, prompts, seeds
+    # the same EMA, prompts and seeds as the run's own last evaluation
+    assert scored == {"1obj": {k[5:]: v for k, v in row.items() if k.startswith("1obj_")}}
     with pytest.raises(SystemExit, match="start stage 2 from it with --init-dit"):
         train.main(["--init", str(tmp_path / "s1" / "last.pt"), "--out", str(tmp_path / "wrong"), *common])
     with pytest.raises(SystemExit, match="is a PixArt, not a class-conditional DiT: continue from it with --init"):
@@ -264,7 +268,8 @@ def test_the_three_stages_run_end_to_end(tmp_path):
         train.main(["--score", str(tmp_path / "s2" / name), "--eval-n", "2", "--out", str(tmp_path / name)])
     drawn = [np.array(Image.open(tmp_path / name / "score_samples.png")) for name in ("last.pt", "pixart.safetensors")]
     assert np.array_equal(*drawn)
-    train.main(["--init", str(tmp_path / "s2" / "last.pt"), "--image-size", "64", "--out", str(tmp_path / "s3"), *common])
+    train.main(["--init", str(tmp_path / "s2" / "last.pt"), "--image-size", "64", "--out", str(tmp_path / "s3"),
+                *common])
     m32, m64 = (pm.load_pixart(tmp_path / s / "pixart.safetensors") for s in ("s2", "s3"))
     assert (m32.config.input_size, m64.config.input_size, m64.config.pe_interpolation) == (32, 64, 2.0)
     assert m32.config.prediction == m64.config.prediction == "v"          # the target travels with the weights
@@ -345,7 +350,7 @@ def test_eval_seed_draws_other_prompts(tmp_path):
 
 def test_the_bundled_text_encoder_is_what_build_toy_text_makes(tmp_path):
     """checkpoints/toy's tokenizer and frozen T5 come from the code: rebuilt from their seed, they are the same."""
-    train.build_toy_text(tmp_path)
+    data.build_toy_text(tmp_path)
     rebuilt, bundled = (pm.T5TextEncoder(folder, max_length=24) for folder in (tmp_path, ROOT / "checkpoints" / "toy"))
     caption = "a small red circle left of a large blue square"
     assert [torch.equal(*t) for t in zip(rebuilt.tokenize([caption]), bundled.tokenize([caption]))] == [True, True]
