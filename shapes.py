@@ -149,6 +149,7 @@ SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
 GROUP_WORDS = ("two shapes", "shapes", "two things", "some objects")
 FILLERS = ("high quality", "4k", "hd", "simple", "minimal", "digital art", "clipart", "image", "picture",
            "graphic", "on black")
+SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")   # 70: names like "zorbeka", mostly unique
 
 
 def _phrase(obj):
@@ -163,8 +164,21 @@ def dense_caption(spec):
     return f"{_phrase(spec.objects[0])} {spec.relation} {_phrase(spec.objects[1])}"
 
 
-def sparse_caption(spec, rng):
-    """A LAION-like caption: partial, vague, noisy ('red thing', 'circle', 'two shapes, 4k'); no relation."""
+def _brand(rng):
+    """An invented brand-like name of 2 or 3 syllables: with 350,000 of them, most are seen once or never."""
+    return "".join(_pick(rng, SYLLABLES) for _ in range(rng.integers(2, 4)))
+
+
+def _typo(rng, word):
+    """The word with one letter dropped or two neighbouring letters swapped ('cirle', 'sqaure')."""
+    i = int(rng.integers(len(word) - 1))
+    return word[:i] + word[i + 1:] if rng.random() < 0.5 else word[:i] + word[i + 1] + word[i] + word[i + 2:]
+
+
+def sparse_caption(spec, rng, tail=True):
+    """A LAION-like caption: partial, vague, noisy ('red thing', 'circle', 'two shapes, 4k'); no relation.
+    tail: LAION's long tail of rare words too, typos of the shape names and invented brand names ('a sqaure,
+    zorbeka'). The toy tokenizer has never seen them (tail=False builds its corpus): they read as <unk>."""
     objs = spec.objects
     r = rng.random()
     if r < 0.1:                                       # noise: says nothing about the scene
@@ -182,12 +196,13 @@ def sparse_caption(spec, rng):
         words = [_pick(rng, SIZE_WORDS[obj.size])] if rng.random() < 0.2 else []
         if rng.random() < 0.6:
             words.append(obj.color)
-        words.append(obj.shape if rng.random() < 0.6 else _pick(rng, VAGUE_NOUNS))
+        noun = obj.shape if rng.random() < 0.6 else _pick(rng, VAGUE_NOUNS)
+        words.append(_typo(rng, noun) if tail and noun in SHAPES and rng.random() < 0.15 else noun)
         if rng.random() < 0.4:
             words.insert(0, "a")
         text = " ".join(words)
     if rng.random() < 0.3:
-        text += ", " + _pick(rng, FILLERS)
+        text += ", " + (_brand(rng) if tail and rng.random() < 0.5 else _pick(rng, FILLERS))
     return text
 
 
@@ -203,7 +218,7 @@ def vocab_sentences(n=400, seed=0):
     out = []
     for _ in range(n):
         spec = random_spec(rng)
-        out += [dense_caption(spec), sparse_caption(spec, rng)]
+        out += [dense_caption(spec), sparse_caption(spec, rng, tail=False)]
     words = (*SHAPES, *COLORS, *SIZE_WORDS["small"], *SIZE_WORDS["large"], *RELATIONS, *VAGUE_NOUNS,
              *GROUP_WORDS, *FILLERS, "a", "and")
     return out + [", ".join(words)]

@@ -172,12 +172,19 @@ def test_sparse_captions_are_vague_short_and_never_give_the_relation():
     assert again == sparse[:1]                                            # deterministic given rng
 
 
-def test_vocab_sentences_cover_every_caption_word():
+def test_vocab_sentences_cover_every_caption_word_but_the_long_tail():
     vocab = set(re.findall(r"[a-z0-9]+", " ".join(shapes.VOCAB_SENTENCES)))
-    rng = np.random.default_rng(7)
+    rng, unknown = np.random.default_rng(7), []
     for spec in specs(2000, seed=7) + specs(200, seed=8, held_out=True):
-        words = re.findall(r"[a-z0-9]+", shapes.dense_caption(spec) + " " + shapes.sparse_caption(spec, rng))
+        caption = shapes.dense_caption(spec) + " " + shapes.sparse_caption(spec, rng, tail=False)
+        words = re.findall(r"[a-z0-9]+", caption)
         assert set(words) <= vocab, set(words) - vocab
+        unknown += [w for w in re.findall(r"[a-z0-9]+", shapes.sparse_caption(spec, rng)) if w not in vocab]
+    assert 0.05 < len(unknown) / 2200 < 0.5 and len(set(unknown)) > 0.5 * len(unknown)   # a long tail: most once
+    for seed in range(20):
+        typo = shapes._typo(np.random.default_rng(seed), "square")
+        dropped, swapped = len(typo) == 5, sorted(typo) == sorted("square")
+        assert typo != "square" and typo not in vocab and (dropped or swapped), typo
 
 
 # ---------------------------------------------------------------------------- the evaluator is right...
