@@ -16,6 +16,7 @@ import shapes
 from vae import VAE_FILES, AutoencoderKL
 
 TOY = Path(__file__).parent / "checkpoints" / "toy"   # the bundled model: pixart.safetensors, text_encoder/, tokenizer/
+TOY_DIT = TOY.parent / "toy_dit"                      # the bundled stage 1: dit.safetensors, a class-conditional DiT
 
 
 # ==================== Aspect-ratio buckets (1024-MS) ====================

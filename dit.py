@@ -2,6 +2,9 @@
 built from pixart_min's pieces under the official DiT key names, so DiT-XL-2-256.pt loads strictly; and the
 re-parameterisation (§2.3) that turns it into a PixArt computing the same thing at t = 500.
 """
+import json
+from dataclasses import asdict
+
 import torch
 import torch.nn as nn
 from einops import rearrange
@@ -88,22 +91,34 @@ class DiT(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)      # (B, C_out, H, W)
 
 
-def load_official_dit(sd, source):
-    """An official DiT state dict (e.g. DiT-XL-2-256.pt) -> DiT, its config read from the tensors' shapes."""
-    config = pm.PixArtConfig(**pm.config_from_weights(sd, captions=False))
+def dit_from_weights(sd, source, config=None):
+    """A DiT from a state dict in the official DiT layout (e.g. DiT-XL-2-256.pt, or save_dit's file), with its
+    config as stored or, if none is, as the tensors' shapes tell it."""
+    config = pm.PixArtConfig(**(config or pm.config_from_weights(sd, captions=False)))
     model = DiT(config, num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
-    pm.load_strict(model, sd, source)
+    pm.load_strict(model, {k: v.float() for k, v in sd.items()}, source)
     return model
+
+
+def save_dit(model, path):
+    """The weights in fp16 under the official DiT keys, in a .safetensors file with the config in its metadata."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"pixart_config": json.dumps(asdict(model.config))})
 
 
 @torch.no_grad()
 def reparameterize(dit, t=500):
     """Paper §2.3: a PixArt that computes what the DiT computed for the null class at step t. t_block takes
     block 0's adaLN MLP, E(i) absorbs the difference for each block, and the zeroed cross-attention output
-    projections make the text invisible until training teaches the model to read it."""
+    projections make the text invisible until training teaches the model to read it. t=None: the ablation without
+    it: only the weights the two models share are copied; t_block and the tables keep PixArt's initialisation."""
     pixart = pm.PixArt(dit.config)
     sd, dit_sd = pixart.state_dict(), dit.state_dict()
     sd.update({k: v for k, v in dit_sd.items() if k in sd and k != "y_embedder.y_embedding"})
+    if t is None:
+        pm.load_strict(pixart, sd, "DiT's shared weights")
+        return pixart
     sd["t_block.1.weight"] = dit_sd["blocks.0.adaLN_modulation.1.weight"]
     sd["t_block.1.bias"] = dit_sd["blocks.0.adaLN_modulation.1.bias"]
     t_emb = dit.t_embedder(torch.tensor([t], device=dit.pos_embed.device))            # (1, D)

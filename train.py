@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import pixart_min as pm
 import shapes
 from data import TOY, FolderData, ShapesData, build_toy_text, precompute, toy_text
-from dit import DiT, load_official_dit, reparameterize
+from dit import DiT, dit_from_weights, reparameterize, save_dit
 
 
 def main(argv=None):
@@ -180,7 +180,7 @@ def make_model(args, data, run, resumed):
     if resumed:
         model = model_from(resumed, "state_dict", args.resume)
     elif args.init_dit:
-        model = from_dit(args.init_dit, data)
+        model = from_dit(args.init_dit, data, args.no_reparam)
     elif args.init:
         model = from_init(args.init, args, data)
     else:
@@ -211,14 +211,14 @@ def make_model(args, data, run, resumed):
     return model, ema, opt, step
 
 
-def from_dit(path, data):
-    """Stage 2's start: a stage-1 DiT re-parameterised into a PixArt at t = 500 (§2.3)."""
+def from_dit(path, data, no_reparam=False):
+    """Stage 2's start: a stage-1 DiT re-parameterised into a PixArt at t = 500 (§2.3), or not (the ablation)."""
     dit = load_model(path)
     if not isinstance(dit, DiT):
         raise SystemExit(f"train.py: --init-dit {path} is a PixArt, not a class-conditional DiT: continue from it "
                          "with --init")
     check_fits(dit, data, path)
-    return reparameterize(dit.eval(), t=500)
+    return reparameterize(dit.eval(), t=None if no_reparam else 500)
 
 
 def from_init(path, args, data):
@@ -270,13 +270,20 @@ def check_fits(model, data, source):
             raise SystemExit(f"train.py: {source} takes {theirs} {what} channels, and this data has {ours}")
 
 
-def load_model(path):
-    """A model to start from: a training checkpoint of this script (its raw weights), or official weights."""
-    ckpt = read_checkpoint(path) if str(path).endswith(".pt") else None
-    if ckpt is not None and "kind" in ckpt:                                         # stage 1, 2 or 3 of this script
-        return model_from(ckpt, "state_dict", path)
-    if ckpt is not None and "y_embedder.embedding_table.weight" in ckpt:            # official DiT, e.g. DiT-XL-2-256.pt
-        return load_official_dit(ckpt, path)
+def load_model(path, weights="state_dict"):
+    """A model to start from or to score: a checkpoint of this script (its raw or its EMA weights), a stage-1 DiT
+    (an official .pt, or save_dit's file or the folder holding it, as checkpoints/toy_dit), or PixArt weights."""
+    path = Path(path) / "dit.safetensors" if (Path(path) / "dit.safetensors").is_file() else path
+    if str(path).endswith(".pt"):
+        ckpt = read_checkpoint(path)
+        if "kind" in ckpt:                                                 # stage 1, 2 or 3 of this script
+            return model_from(ckpt, weights, path)
+        if "y_embedder.embedding_table.weight" in ckpt:                  # official DiT, e.g. DiT-XL-2-256.pt
+            return dit_from_weights(ckpt, path)
+    if str(path).endswith(".safetensors"):
+        sd, config = pm.read_weights(Path(path))
+        if "y_embedder.embedding_table.weight" in sd:                    # save_dit's file
+            return dit_from_weights(sd, path, config)
     return pm.load_pixart(path).train()
 
 
@@ -284,10 +291,8 @@ def load_model(path):
 
 def score(args, run):
     """--score: sample seeded prompts with a finished model, read the pictures back, write score.json."""
-    try:
-        saved = read_checkpoint(args.score) if args.score.endswith(".pt") else {}
-        model = (model_from(saved, "state_dict_ema", args.score) if "kind" in saved   # a last.pt: its EMA, as
-                 else pm.load_pixart(args.score)).to(run.device).eval()                # its own evaluations use
+    try:                                          # a last.pt: its EMA weights, as its own evaluations use
+        model = load_model(args.score, "state_dict_ema").to(run.device).eval()
     except (OSError, ValueError) as e:
         raise SystemExit(f"train.py: --score: {e}") from None
     args.cond = "class" if isinstance(model, DiT) else "text"   # stage 1 is scored on the shapes it draws
@@ -409,11 +414,12 @@ def save_checkpoint(path, model, ema, opt, step, args):
 
 
 def save_run(out, model, ema, opt, step, args):
-    """last.pt, and for a PixArt its EMA weights as pixart.safetensors, ready for sample.py."""
+    """last.pt, and the EMA weights on their own: pixart.safetensors, ready for sample.py, or a stage-1 DiT's
+    dit.safetensors (fp16), ready for --init-dit (checkpoints/toy_dit holds one)."""
     save_checkpoint(out / "last.pt", model, ema, opt, step, args)
-    if not isinstance(model, DiT):
-        pm.save_pixart(ema, out / "pixart.safetensors.tmp")
-        os.replace(out / "pixart.safetensors.tmp", out / "pixart.safetensors")
+    name = "dit.safetensors" if isinstance(model, DiT) else "pixart.safetensors"
+    (save_dit if isinstance(model, DiT) else pm.save_pixart)(ema, out / f"{name}.tmp")
+    os.replace(out / f"{name}.tmp", out / name)
 
 
 def stop_before_bad_step(avg, norm, step, out, run):
@@ -492,7 +498,12 @@ def parser():
     p.add_argument("--image-size", type=int, help="pixels (default 32; with --score, the model's own)")
     p.add_argument("--preset", default="toy", choices=list(pm.PRESETS), help="model size")
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
-    p.add_argument("--init-dit", help="start from a class-conditional DiT, re-parameterised at t=500 (§2.3)")
+    p.add_argument("--init-dit", help="start from a class-conditional DiT, re-parameterised at t=500 (§2.3); the "
+                   "default for a toy text-to-image run: checkpoints/toy_dit")
+    p.add_argument("--no-reparam", action="store_true", help="with --init-dit: copy only the weights PixArt shares "
+                   "with the DiT, and leave t_block and the adaLN tables at PixArt's init (notebook 03's ablation)")
+    p.add_argument("--from-scratch", action="store_true", help="a toy text-to-image run from random weights, not "
+                   "from checkpoints/toy_dit")
     p.add_argument("--resume", help="continue this checkpoint's run exactly, with its own settings; of the others only "
                    "--steps, --lr, --warmup, --clip, --eval-every and --save-every may be given anew")
     p.add_argument("--score", help="no training: score this model (folder, .safetensors, or a stage-1 last.pt) "
@@ -553,12 +564,17 @@ def check_args(args, error):
         error(f"--preset {args.preset} has {patch}x{patch} patches; a folder's aspect-ratio buckets are cut for "
                 "patches of 2, as the official ones are: choose a PixArt-XL preset, or tiny")
     if args.prediction and (args.init or args.init_dit or args.resume or args.score):
-        error("--prediction is for a new model: one started from weights keeps the target it was trained on")
+        error("--prediction is for a new model (with the toy, add --from-scratch): one started from weights keeps the "
+              "target it was trained on")
     if args.warmup < 1:
         error("--warmup must be at least 1 (the number of steps the lr takes to rise to --lr)")
     if not (0 <= args.ema < 1 and 0 <= args.null_prob <= 1 and args.clip > 0):
         error(f"--ema must be from 0 to below 1, --null-prob from 0 to 1 and --clip above 0; got {args.ema}, "
                 f"{args.null_prob} and {args.clip}")
+    if args.from_scratch and (args.init or args.init_dit or args.resume or args.score):
+        error("--from-scratch starts from random weights: leave out --init, --init-dit, --resume and --score")
+    if args.no_reparam and not args.init_dit:
+        error("--no-reparam changes how --init-dit starts stage 2: give --init-dit (the toy's default) too")
     if args.init_dit and args.cond == "class":
         error("--init-dit starts stage 2, which reads captions: leave out --cond class")
 

@@ -16,7 +16,7 @@ import pixart_min as pm
 import data
 import train
 from conftest import diffusers_vae, randomize_, write_t5_dir
-from dit import DiT, reparameterize
+from dit import DiT, reparameterize, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "0", "--lr", "1e-3", "--warmup", "2"]
@@ -44,6 +44,11 @@ def test_reparameterised_pixart_computes_what_dit_computed_at_t500():
         assert (pixart(x, t, y, mask) - dit(x, t, torch.tensor([0, 1, 2]))).abs().max() > 1e-3   # a class does
         assert (pixart(x, t // 5, y, mask) - dit(x, t // 5, null)).abs().max() > 1e-3          # other t differ
     assert all((b.cross_attn.proj.weight == 0).all() for b in pixart.blocks)
+    plain = reparameterize(dit, t=None).eval()                    # the ablation: shared weights only
+    assert torch.equal(plain.blocks[1].attn.qkv.weight, dit.blocks[1].attn.qkv.weight)
+    assert not torch.equal(plain.t_block[1].weight, pixart.t_block[1].weight)
+    with torch.no_grad():
+        assert (plain(x, t, y, mask) - want).abs().max() > 1e-3
 
 
 def test_dit_grad_checkpointing_recomputes_the_same_gradients(monkeypatch):
@@ -75,6 +80,18 @@ def test_dit_has_the_official_key_layout(tmp_path):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x, t, torch.tensor([1, 5])), small(x, t, torch.tensor([1, 5])))
+
+
+def test_a_saved_dit_loads_back_as_itself_in_fp16(tmp_path):
+    small = tiny_dit()
+    (tmp_path / "toy_dit").mkdir()
+    save_dit(small, tmp_path / "toy_dit" / "dit.safetensors")
+    loaded = train.load_model(tmp_path / "toy_dit").eval()                # the folder, as checkpoints/toy_dit
+    assert isinstance(loaded, DiT) and loaded.config == small.config and loaded.num_classes == 5
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 5])
+    with torch.no_grad():
+        half = small.half().float()                                       # what fp16 storage keeps of it
+        assert torch.equal(loaded(x, t, y), half(x, t, y))
 
 
 def test_resume_continues_exactly(tmp_path):
