@@ -236,8 +236,7 @@ class PixArt(nn.Module):
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if y.shape[-1] != c.caption_channels:
             raise ValueError(f"caption features have {y.shape[-1]} channels, the model expects {c.caption_channels}")
-        # .contiguous(): as a transposed view, the tokens would keep their strides through every add and slow the
-        # linears
+        # .contiguous(): as a transposed view, the tokens would keep their strides through every add and slow linears
         x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d").contiguous()   # (B, N, D), N = HW/p^2
         x = x + self.pos_embed_for(H // p, W // p)                                 # (B, N, D)
         t = self.t_embedder(t)                                                     # (B, D)
@@ -416,7 +415,6 @@ def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale
     return int(steps), int(start)
 
 
-
 # ==================== Text: sentencepiece pieces -> T5 features ===============
 
 def local_folder(path, allow_patterns=None):
@@ -527,13 +525,13 @@ def config_from_diffusers(cfg):
 
 
 def config_from_weights(sd, captions=True):
-    """What the tensors' shapes tell. Head count is not in the weights: XL has 16 heads, DiT's others 64 wide.
-    captions=False: a class-conditional DiT's weights (stage 1), which have no caption projection."""
+    """What the tensors' shapes tell. Head count is not in the weights: XL has 16 heads, DiT's others 64 wide, and
+    another PixArt's is None (unknown). captions=False: a class-conditional DiT's weights (stage 1), no captions."""
     try:
         D, c_in, p = sd["x_embedder.proj.weight"].shape[:3]
-        cfg = dict(patch_size=p, in_channels=c_in, hidden_size=D, num_heads=16 if D == 1152 else max(D // 64, 1),
+        cfg = dict(patch_size=p, in_channels=c_in, hidden_size=D, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+                   num_heads=16 if D == 1152 else None if captions else max(D // 64, 1),
                    depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-                   mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
                    model_max_length=len(sd.get("y_embedder.y_embedding", range(120))),
                    learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * c_in,
                    micro_condition="csize_embedder.mlp.0.weight" in sd)
@@ -597,6 +595,8 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
     if unknown := config.keys() - names:
         raise TypeError(f"unknown config fields {sorted(unknown)}; PixArtConfig has {sorted(names)}")
     cfg = {**(stored or config_from_weights(sd)), **config}
+    if cfg.get("num_heads") is None:                                     # a guess would load, and draw noise
+        raise ValueError(f"{path} does not tell the head count of its {cfg['hidden_size']}-wide model: pass num_heads")
     if "input_size" not in cfg:
         raise ValueError(f"{path} does not tell the training resolution: pass input_size (latent side, 128 at 1024 px)")
     model = PixArt(PixArtConfig(**cfg))

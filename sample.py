@@ -32,8 +32,8 @@ def load_components(args, dtype):
         root, model = args.model, load_pixart(args.model, dtype=dtype)
         vae = AutoencoderKL.from_pretrained(root, dtype=dtype) if (root / "vae").is_dir() else Pixels()
         return lambda: T5TextEncoder(root, args.device, dtype, model.config.model_max_length), model, vae
-    if args.ckpt:
-        model = load_pixart(args.ckpt, dtype=dtype)
+    if args.ckpt:                                  # a .pth holds no config, and its weights do not tell the heads
+        model = load_pixart(args.ckpt, dtype=dtype, **({"num_heads": args.num_heads} if args.num_heads else {}))
         return lambda: T5TextEncoder(args.t5, args.device, dtype, model.config.model_max_length), model, \
             AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
     raise FileNotFoundError(f"no --model or --ckpt given, and no bundled model in {TOY}: restore it with git, "
@@ -67,8 +67,10 @@ def check_args(args, error):
             error(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
     if args.ckpt and not (args.t5 and args.vae):
         error("--ckpt needs --t5 (a T5 or pipeline folder) and --vae (a VAE or pipeline folder) too")
-    if (args.t5 or args.vae) and not args.ckpt:
-        error("--t5 and --vae go with --ckpt; a --model pipeline folder has its own")
+    if (args.t5 or args.vae or args.num_heads) and not args.ckpt:
+        error("--t5, --vae and --num-heads go with --ckpt; a --model pipeline folder has its own")
+    if args.num_heads is not None and args.num_heads < 1:
+        error(f"--num-heads must be at least 1, got {args.num_heads}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         error("--device cuda, but torch sees no CUDA device here: use --device cpu")
     prompts = list(args.prompts)
@@ -113,6 +115,8 @@ def make_parser():
     source.add_argument("--ckpt", help="official PixArt .pth or .safetensors file (needs --t5 and --vae)")
     parser.add_argument("--t5", help="with --ckpt: T5 folder (spiece.model + weights) or pipeline folder")
     parser.add_argument("--vae", help="with --ckpt: diffusers VAE folder or pipeline folder")
+    parser.add_argument("--num-heads", type=int, help="with --ckpt: the attention heads, which a .pth does not store "
+                        "(known only for PixArt-XL: 16)")
     parser.add_argument("--negative-prompt", help="its T5 features replace the null caption in guidance")
     parser.add_argument("--seed", type=int, default=0, help="image k of each prompt is drawn from seed+k, whatever --n")
     parser.add_argument("--steps", type=int, default=20)

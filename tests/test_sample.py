@@ -67,13 +67,14 @@ def test_ckpt_with_t5_and_vae(pipeline_dir, tmp_path, capsys):
     torch.save({"state_dict": model.state_dict()}, tmp_path / "model.pth")
     save_pixart(model, tmp_path / "model.safetensors")
     common = ["a red circle", "--height", 16, "--width", 24, "--negative-prompt", "", "--out", tmp_path / "out"]
-    pth = run(capsys, *common, "--ckpt", tmp_path / "model.pth", "--t5", pipeline_dir, "--vae", pipeline_dir / "vae")
+    pth = run(capsys, *common, "--ckpt", tmp_path / "model.pth", "--num-heads", 2, "--t5", pipeline_dir,
+              "--vae", pipeline_dir / "vae")
     assert len(pth) == 1 and Image.open(pth[0]).size == (24, 16)
-    # the .safetensors carries the config (the .pth's head count is a guess), and with the same null caption
-    # ("") it must give exactly what the pipeline folder gives
+    # the .safetensors carries the config (a .pth needs --num-heads), and with the same null caption ("") both
+    # must give exactly what the pipeline folder gives
     st = run(capsys, *common, "--ckpt", tmp_path / "model.safetensors", "--t5", pipeline_dir, "--vae", pipeline_dir)
     ref = run(capsys, *common, "--model", pipeline_dir)
-    assert np.array_equal(*pixels(st + ref))
+    assert np.array_equal(*pixels(st + ref)) and np.array_equal(*pixels(pth + ref))
 
 
 def test_ckpt_reads_as_many_tokens_as_its_model_was_trained_on(pipeline_dir, tmp_path, capsys):
@@ -95,6 +96,7 @@ def test_ddpm_picture_k_is_the_same_whatever_n(tmp_path, capsys):
 def test_offload_changes_nothing(pipeline_dir, tmp_path, capsys):
     argv = ["a red circle", "a blue square", "--model", pipeline_dir, "--out", tmp_path]
     plain, offloaded = run(capsys, *argv), run(capsys, *argv, "--offload")
+    assert len(plain) == len(offloaded) == 2                              # zip alone would hide a missing picture
     assert all(np.array_equal(a, b) for a, b in zip(pixels(plain), pixels(offloaded)))
 
 
