@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import pixart_min as pm
 import shapes
-from data import TOY, FolderData, ShapesData, build_toy_text, precompute, toy_text
+from data import TOY, TOY_DIT, FolderData, ShapesData, build_toy_text, precompute, toy_text
 from dit import DiT, dit_from_weights, reparameterize, save_dit
 
 
@@ -51,6 +51,8 @@ def main(argv=None):
     if run.ddp:
         show_replicas_agree(model, run)
         dist.destroy_process_group()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)              # gloo's threads can abort the interpreter's own exit (about 1 run in 10 on a CPU)
 
 
 def train(model, ema, opt, step, data, args, run):
@@ -449,6 +451,8 @@ def forget_after(path, step, step_of):
 
 # ==================== Settings: the command line ====================
 
+TWO_OBJECTS = 0.25          # the default share of two-object scenes: the target is one-object prompts (README)
+BEFORE_THE_OPTION = dict(timesteps="uniform", lr_decay="none", no_reparam=False, from_scratch=False)   # in old runs
 RESUME_MAY_CHANGE = {"resume", "steps", "lr", "warmup", "clip", "eval_every", "save_every"}   # the rest: the run's own
 
 
@@ -461,8 +465,8 @@ def settings(argv):
         named = parse_args(argv, named_only=True)
         if ignored := sorted(set(named) - RESUME_MAY_CHANGE):
             print("train.py: --resume keeps the run's own " + ", ".join("--" + k.replace("_", "-") for k in ignored))
-        args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"],   # defaults: options added since
-                                     **{k: v for k, v in named.items() if k in RESUME_MAY_CHANGE}})   # the run began
+        args = argparse.Namespace(**{**vars(parse_args([])), **BEFORE_THE_OPTION, **resumed["args"],
+                                     **{k: v for k, v in named.items() if k in RESUME_MAY_CHANGE}})
         args.out = str(Path(args.resume).parent)                     # the run goes on beside its checkpoint
     elif not args.score and (last := Path(args.out) / "last.pt").exists():   # a new run must not overwrite an old one
         raise SystemExit(f"train.py: {last.parent} already holds a run: --resume {last} to go on with it, or choose "
@@ -477,6 +481,9 @@ def parse_args(argv=None, named_only=False):
         named = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])))))
         return {k: v for k, v in vars(named).items() if v is not None}
     args = p.parse_args(argv)
+    if not (args.from_scratch or args.init or args.init_dit or args.resume or args.score) and args.data == "shapes" \
+            and args.cond == "text" and args.preset == "toy" and args.image_size in (None, 32):
+        args.init_dit = str(TOY_DIT)                  # the default: the paper's stage 2, from the bundled stage 1
     check_args(args, p.error)
     if args.image_size is None and not args.score:
         args.image_size = 32
@@ -493,8 +500,7 @@ def parser():
     p.add_argument("--vae", help="real data: the VAE folder or hub id to precompute latents with")
     p.add_argument("--cond", choices=["text", "class"], default="text", help="class: stage 1's class-conditional DiT")
     p.add_argument("--captions", choices=["dense", "sparse"], default="dense", help="shapes world: caption style")
-    p.add_argument("--two-objects", type=float, help="shapes world: share of two-object scenes (default: "
-                   "one or two objects alike)")
+    p.add_argument("--two-objects", type=float, default=TWO_OBJECTS, help="shapes world: share of two-object scenes")
     p.add_argument("--image-size", type=int, help="pixels (default 32; with --score, the model's own)")
     p.add_argument("--preset", default="toy", choices=list(pm.PRESETS), help="model size")
     p.add_argument("--init", help="start from these weights (a checkpoint of this script, or official ones)")
@@ -509,13 +515,13 @@ def parser():
     p.add_argument("--score", help="no training: score this model (folder, .safetensors, or a stage-1 last.pt) "
                                    "on --eval-n prompts a group")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
                    help="cosine: multiply the lr by a half cosine, from 1 at step 0 to 0 at --steps (a resumed run "
                         "given a longer --steps stretches it)")
-    p.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform",
+    p.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="logit-normal",
                    help="how training draws t: uniform (the paper), or logit-normal, most often near t=500")
     p.add_argument("--prediction", choices=["epsilon", "v"],
                    help="a new model's target: the noise (the paper's) or v (default: the preset's, v for the toy)")
@@ -525,9 +531,9 @@ def parser():
     p.add_argument("--null-prob", type=float, default=0.1, help="share of captions replaced by the null caption")
     p.add_argument("--cfg", type=float, default=4.5, help="guidance scale of the evaluation samples")
     p.add_argument("--eval-steps", type=int, default=20, help="sampler steps of the evaluation samples")
-    p.add_argument("--eval-every", type=int, default=500,
+    p.add_argument("--eval-every", type=int, default=1000,
                    help="shapes world: score the EMA model every so often; 0: never")
-    p.add_argument("--eval-n", type=int, default=16, help="prompts per group (1/2 objects, seen/held-out)")
+    p.add_argument("--eval-n", type=int, default=64, help="prompts per group (1/2 objects, seen/held-out)")
     p.add_argument("--eval-seed", type=int, default=1234, help="picks the evaluation's prompts and noise")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -554,7 +560,7 @@ def check_args(args, error):
         error("--save-every and --eval-n must be at least 1, --eval-every 0 (never) or more")
     if not (math.isfinite(args.cfg) and args.cfg >= 0):
         error(f"--cfg must be a finite number >= 0, got {args.cfg}")
-    if args.data != "shapes" and (args.cond == "class" or args.captions != "dense" or args.two_objects is not None):
+    if args.data != "shapes" and (args.cond == "class" or args.captions != "dense" or args.two_objects != TWO_OBJECTS):
         error("--cond class, --captions sparse and --two-objects are for the shapes world: "
                 "a folder has its own captions")
     if args.score and args.data != "shapes":

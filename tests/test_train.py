@@ -16,6 +16,7 @@ import pixart_min as pm
 import data
 import train
 from conftest import diffusers_vae, randomize_, write_t5_dir
+from data import TOY_DIT
 from dit import DiT, reparameterize, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,15 @@ def test_a_saved_dit_loads_back_as_itself_in_fp16(tmp_path):
     with torch.no_grad():
         half = small.half().float()                                       # what fp16 storage keeps of it
         assert torch.equal(loaded(x, t, y), half(x, t, y))
+
+
+def test_the_default_toy_run_is_stage_2_from_the_bundled_dit():
+    assert train.parse_args([]).init_dit == str(TOY_DIT)
+    for argv in (["--from-scratch"], ["--preset", "tiny"], ["--cond", "class"], ["--image-size", "64"],
+                 ["--init", str(ROOT / "checkpoints" / "toy")]):
+        assert train.parse_args(argv).init_dit is None, argv
+    with pytest.raises(SystemExit):
+        train.parse_args(["--from-scratch", "--init-dit", str(TOY_DIT)])
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -299,6 +309,7 @@ def test_the_three_stages_run_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--resume", "missing.pt"], "--resume: no such file"),
+                                           (["--prediction", "epsilon"], "with the toy, add --from-scratch"),
                                            (["--data", "/no/such/folder"], "--data: no such file"),
                                            (["--preset", "huge"], "invalid choice"),
                                            (["--steps", "0"], "must be positive"),
