@@ -7,7 +7,7 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --init-dit runs/stage1/last.pt --out runs/stage2    # re-parameterise, then dense captions
   python train.py --init runs/stage2/last.pt --image-size 64 --out runs/stage3   # stage 3: higher resolution
   python train.py --resume runs/stage2/last.pt             # continue a killed run, step for step
-  python train.py --lr-decay cosine --timesteps logit-normal   # beyond the paper's recipe: docs/options.md
+  python train.py --timesteps uniform                      # the paper's t; the default's and others: docs/options.md
   python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
   python train.py --score checkpoints/toy --eval-n 200 --eval-seed 4242   # the same on another seeded draw
   python train.py --data my_images/ --t5 T5 --vae VAE --preset PixArt-XL-2-256 --image-size 256   # real data
