@@ -16,7 +16,7 @@ SOLUTIONS = sorted((HERE / "solutions").glob("*.ipynb"))
 # an exercise is a numbered item of the last cell: "3. **Title** *[10 min, laptop CPU]* ..."
 EXERCISE = re.compile(r"^(\d+)\. \*\*[^*]+\*\* \*\[([^\]]+)\]\*", re.M)
 HARDWARE = ("laptop CPU", "GPU", "pen and paper")
-SOLVED = ("03", "04")      # the lessons whose exercises are labelled and solved so far (issue 28)
+SOLVED = ("01", "02", "03", "04")      # the lessons whose exercises are labelled and solved so far (issue 28)
 
 
 def exercises(path):
