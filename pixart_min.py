@@ -334,13 +334,14 @@ def timesteps(steps, start=T - 1):
 
 @torch.no_grad()
 def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_scale=4.5, sampler="dpm-solver",
-           hw=None, ar=None, generator=None, progress=False, start=T - 1):
+           hw=None, ar=None, generator=None, progress=False, start=T - 1, known=None):
     """Denoise `noise` (B, C, H, W) into clean latents, guided by captions y (B, L, C_text) with mask (B, L).
     The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given.
-    A lower `start` finishes a picture already noised to that step (q_sample) instead of pure noise.
-    `generator` draws ddpm's noise: one for the batch, or a list of one per picture (each its own, whatever B)."""
+    A lower `start` finishes latents already noised to that step (q_sample: SDEdit). known=(latents, keep) inpaints:
+    where keep (bool) is True, x is those latents noised to each step with x's first noise; the model paints the
+    rest. `generator` draws ddpm's noise: one for the batch, or a list of one per picture (each its own)."""
     steps, start = check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler,
-                                     generator, start)
+                                     generator, start, known)
     if null_y is None:                       # the official guidance: the null caption, with the prompt's mask
         null_y, null_mask = model.y_embedder.y_embedding[None, :y.shape[1]].expand_as(y), mask
     B, C, dtype = len(noise), model.config.in_channels, next(model.parameters()).dtype
@@ -352,6 +353,9 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     ts, abar = timesteps(steps, start), ALPHAS_CUMPROD
     ts_device = ts.to(noise.device)          # copied once: a copy from the CPU inside the loop would wait for the GPU
     x, x0_prev = noise.float(), None
+    if known is not None:                    # the noise that x holds over the known latents
+        (original, keep), a = known, abar[ts[0]].item()
+        eps_known = (x - math.sqrt(a) * original.float()) / math.sqrt(1 - a)
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
         t = ts[i]
         out = model(torch.cat([x, x]).to(dtype), ts_device[i].repeat(2 * B), y2, m2, hw2, ar2).float()
@@ -379,10 +383,12 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
                 d = x0 + 0.5 * (x0 - x0_prev) / r
             x = math.sqrt((1 - a_s) / (1 - a_t)) * x - math.sqrt(a_s) * math.expm1(-h) * d
             x0_prev = x0
+        if known is not None:                # inpainting: the known region, noised to where x is now
+            x = torch.where(keep, math.sqrt(a_s) * original.float() + math.sqrt(1 - a_s) * eps_known, x)
     return x
 
 
-def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler, generator, start):
+def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler, generator, start, known):
     """sample()'s arguments, checked before any work, each mistake by name. Returns steps and start as ints."""
     if sampler not in ("dpm-solver", "ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
@@ -399,6 +405,11 @@ def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale
                          "use dpm-solver or ddim")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
+    if known is not None and not (known[0].shape == noise.shape and known[1].dtype == torch.bool and known[1].dim()
+                                  == noise.dim() and all(k in (1, n) for k, n in zip(known[1].shape, noise.shape))):
+        raise ValueError(f"known=(latents, keep) needs latents of the noise's shape {tuple(noise.shape)} and a "
+                         f"bool keep that broadcasts to it, got {tuple(known[0].shape)} and {known[1].dtype} "
+                         f"{tuple(known[1].shape)}")
     if null_y is None:
         if y.shape[1] > model.config.model_max_length:
             raise ValueError(f"captions of {y.shape[1]} tokens, but the model's null caption has "

@@ -2,6 +2,8 @@
 
     python sample.py "a small red circle above a large blue square"           # the bundled toy model (32 px)
     python sample.py "an astronaut riding a horse" --model PixArt-alpha/PixArt-XL-2-1024-MS --dtype bf16
+    python sample.py "a large red circle" --init-image in.png --strength 0.6     # edit a picture (SDEdit)
+    python sample.py "a large red circle" --init-image in.png --mask mask.png    # repaint the mask's white part
     python sample.py -h                                                        # every option
 
 --model takes a diffusers pipeline folder or hub id; --ckpt an official .pth / .safetensors with --t5 and --vae.
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from data import TOY, bucket, resize_and_crop
-from pixart_min import T, T5_FILES, T5TextEncoder, load_pixart, local_folder, sample
+from pixart_min import T, T5_FILES, T5TextEncoder, load_pixart, local_folder, q_sample, sample
 from vae import VAE_FILES, AutoencoderKL, Pixels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,6 +76,7 @@ def check_args(args, error):
         error(f"--num-heads must be at least 1, got {args.num_heads}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         error("--device cuda, but torch sees no CUDA device here: use --device cpu")
+    check_edit_args(args, error)
     prompts = list(args.prompts)
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
@@ -102,6 +106,53 @@ def check_args(args, error):
     return prompts
 
 
+def check_edit_args(args, error):
+    """--init-image, --strength and --mask: files that open as pictures, of one size, and a strength in (0, 1]."""
+    if (args.strength is not None or args.mask) and not args.init_image:
+        error("--strength and --mask edit a picture: give it with --init-image")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        error(f"--strength must be in (0, 1] (1: the picture is all noise, near 0: kept as it is), got {args.strength}")
+    sizes = []
+    for name in ("init_image", "mask"):
+        if getattr(args, name):
+            try:
+                sizes.append(Image.open(getattr(args, name)).size)
+            except OSError as e:                                          # missing, or not a picture
+                error(f"--{name.replace('_', '-')} {getattr(args, name)}: {e}")
+    if len(sizes) == 2 and sizes[0] != sizes[1]:
+        error(f"--mask is {sizes[1][0]}x{sizes[1][1]} pixels, --init-image {sizes[0][0]}x{sizes[0][1]}: "
+              "they must be the same size")
+    args.init_size = sizes[0][::-1] if sizes else None                   # (height, width)
+    if args.init_image and args.strength is None:
+        args.strength = 1.0 if args.mask else 0.6
+
+
+def load_edit(args, vae, h, w, device, dtype):
+    """The picture to edit as clean latents (1, C, h/f, w/f), and where to keep it (1, 1, h/f, w/f, bool) or None:
+    the mask's black part (below half grey), at the latents' size."""
+    picture = torch.from_numpy(np.asarray(Image.open(args.init_image).convert("RGB"), np.float32) / 127.5 - 1)
+    picture = resize_and_crop(picture.permute(2, 0, 1)[None], h, w)       # (1, 3, h, w) in [-1, 1]
+    with torch.no_grad():
+        latents = vae.to(device).encode(picture.to(device, dtype))[0].float().cpu() * vae.scaling_factor
+    vae.cpu()
+    if not args.mask:
+        return latents, None
+    mask = torch.from_numpy(np.asarray(Image.open(args.mask).convert("L"), np.float32) / 255)[None, None]
+    mask = F.interpolate(resize_and_crop(mask, h, w), size=latents.shape[-2:], mode="area")
+    return latents, mask < 0.5
+
+
+def edit_start(args, noise, edit):
+    """(starting latents, start step, steps, known) for sample(): text to image, SDEdit or inpainting."""
+    if edit is None:
+        return noise, T - 1, args.steps, None
+    latents, keep = (None if v is None else v.to(noise.device).expand(len(noise), -1, -1, -1) for v in edit)
+    start, steps = max(1, round(args.strength * (T - 1))), max(1, round(args.strength * args.steps))
+    if start < T - 1:                    # at T - 1, as in text to image, the noise stands for the noised picture
+        noise = q_sample(latents, torch.full((len(noise),), start), noise)
+    return noise, start, min(steps, start), None if keep is None else (latents, keep)
+
+
 def make_parser():
     """sample.py's options; check_args checks them."""
     parser = argparse.ArgumentParser(prog="sample.py", description=__doc__,
@@ -117,6 +168,10 @@ def make_parser():
     parser.add_argument("--vae", help="with --ckpt: diffusers VAE folder or pipeline folder")
     parser.add_argument("--num-heads", type=int, help="with --ckpt: the attention heads, which a .pth does not store "
                         "(known only for PixArt-XL: 16)")
+    parser.add_argument("--init-image", help="a picture to edit (SDEdit): noised by --strength, then denoised")
+    parser.add_argument("--strength", type=float, help="with --init-image: how much to change, in (0, 1]; "
+                        "the sampler runs that share of --steps (default 1, or 0.6 without --mask)")
+    parser.add_argument("--mask", help="with --init-image: a picture of its size; white is repainted, black kept")
     parser.add_argument("--negative-prompt", help="its T5 features replace the null caption in guidance")
     parser.add_argument("--seed", type=int, default=0, help="image k of each prompt is drawn from seed+k, whatever --n")
     parser.add_argument("--steps", type=int, default=20)
@@ -153,7 +208,7 @@ def main(argv=None):
     if args.sampler == "ddpm" and not c.learn_sigma:
         parser.error("--sampler ddpm draws with the learned variance, and this model does not learn sigma")
     native, multiple = c.input_size * f, f * c.patch_size
-    H, W = args.height or native, args.width or native               # what the user gets
+    H, W = args.height or (args.init_size or [native])[0], args.width or (args.init_size or [0, native])[1]
     h, w = bucket(H, W, native, multiple) if c.micro_condition else (H, W)   # what the model draws
     if h % multiple or w % multiple:
         parser.error(f"--height and --width must be multiples of {multiple} for this model (VAE downscale {f} x "
@@ -177,6 +232,7 @@ def main(argv=None):
         free(device)
 
     # 2. Denoise: image k of every prompt is drawn on the CPU from seed + k: its starting noise, and ddpm's noise.
+    edit = load_edit(args, vae, h, w, device, dtype) if args.init_image else None    # the picture to edit
     model.to(device)
     if args.compile:
         model.compile()                                               # in place: model.config etc. stay as they are
@@ -189,9 +245,10 @@ def main(argv=None):
         noise = torch.stack([torch.randn(c.in_channels, h // f, w // f, generator=g)
                              for g in generators]).to(device)                       # (n, C, h/f, w/f)
         null = {} if null_y is None else dict(null_y=null_y.expand(n, -1, -1), null_mask=null_mask.expand(n, -1))
-        latents.append(sample(model, noise, y[j:j + 1].expand(n, -1, -1), mask[j:j + 1].expand(n, -1), **null,
-                              steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, hw=hw, ar=ar,
-                              generator=generators, progress=True).cpu())
+        x, start, steps, known = edit_start(args, noise, edit)
+        latents.append(sample(model, x, y[j:j + 1].expand(n, -1, -1), mask[j:j + 1].expand(n, -1), **null,
+                              steps=steps, cfg_scale=args.cfg, sampler=args.sampler, hw=hw, ar=ar, start=start,
+                              known=known, generator=generators, progress=True).cpu())
     if args.offload:
         del model
         free(device)

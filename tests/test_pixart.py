@@ -551,7 +551,9 @@ def test_sample_rejects_bad_arguments(sampler_setup):
                        (dict(cfg_scale=float("nan")), "guidance"), (dict(cfg_scale=float("inf")), "guidance"),
                        (dict(sampler="euler"), "sampler 'euler'"),
                        (dict(generator=[torch.Generator()], sampler="ddpm"), "1 generators for 2 pictures"),
-                       (dict(null_y=null_y[:1], null_mask=null_mask[:1]), "1 null captions for 2 captions")]:
+                       (dict(null_y=null_y[:1], null_mask=null_mask[:1]), "1 null captions for 2 captions"),
+                       (dict(known=(noise[:1], noise > 0)), "known=.latents, keep. needs latents of the noise's"),
+                       (dict(known=(noise, (noise > 0).float())), "bool keep")]:
         with pytest.raises(ValueError, match=match):
             sample(model, noise, y, mask, **{**kw, **bad})
     assert torch.equal(sample(model, noise, y, mask, steps=2.0, **kw), sample(model, noise, y, mask, steps=2, **kw))
@@ -560,6 +562,19 @@ def test_sample_rejects_bad_arguments(sampler_setup):
         sample(own, noise, torch.randn(2, 121, 32), torch.ones(2, 121), steps=2)
     with pytest.raises(ValueError, match=r"model.eval\(\)"):                # training mode drops captions at random
         sample(own.train(), noise, y, mask, steps=2)
+
+
+def test_inpainting_keeps_the_known_latents_and_paints_the_rest(sampler_setup):
+    model, noise, y, mask, null_y, null_mask = sampler_setup
+    kw = dict(null_y=null_y, null_mask=null_mask, steps=5)
+    original = torch.randn(noise.shape, generator=torch.Generator().manual_seed(7))
+    keep = torch.zeros(1, 1, *noise.shape[-2:], dtype=torch.bool)
+    keep[..., : noise.shape[-1] // 2] = True                                # the left half: known
+    out = sample(model, noise, y, mask, known=(original, keep), **kw)
+    assert torch.equal(out[..., keep[0, 0]], original[..., keep[0, 0]])    # kept to the last bit
+    nothing = sample(model, noise, y, mask, known=(original, torch.zeros_like(keep)), **kw)
+    assert torch.equal(nothing, sample(model, noise, y, mask, **kw))        # nothing known: plain sampling
+    assert max_err(out[..., ~keep[0, 0]], nothing[..., ~keep[0, 0]]) > 1e-3  # the painted half sees the known one
 
 
 def test_another_models_transformer_folder_is_named(tmp_path):

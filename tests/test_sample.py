@@ -165,3 +165,50 @@ def test_a_toy_model_folder_samples_in_pixel_space(tmp_path, capsys):
     paths = run(capsys, "a large red circle", "--model", folder, "--out", tmp_path / "out", "--latents")
     assert len(paths) == 1 and Image.open(paths[0]).size == (32, 32)
     assert torch.load(paths[0].with_suffix(".pt")).shape == (3, 32, 32)     # the latents are the pixels
+
+
+def scene_png(path, size=32, seed=0):
+    """A true picture of the shapes world, saved as a PNG: the picture to edit."""
+    import shapes
+    images = shapes.sample_batch(1, np.random.default_rng(seed), size=size, n_objects=1)[0]
+    Image.fromarray(((images[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(path)
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_editing_a_picture_with_the_bundled_model(tmp_path, capsys):
+    picture = scene_png(tmp_path / "in.png")
+    # strength 1 starts from the noise alone: text to image, the same picture
+    plain = run(capsys, "a large red circle", "--out", tmp_path / "plain")
+    full = run(capsys, "a large red circle", "--init-image", tmp_path / "in.png", "--strength", 1, "--out", tmp_path)
+    assert full[0].read_bytes() == plain[0].read_bytes()
+    # strength near 0: one step from t = 1 gives the picture back
+    kept = pixels(run(capsys, "a large red circle", "--init-image", tmp_path / "in.png", "--strength", 0.001,
+                      "--out", tmp_path / "kept"))[0].astype(int)
+    assert np.abs(kept - picture).mean() <= 1.5 and np.abs(kept - picture).max() <= 16   # of 255
+    # inpainting: the mask's black half is the picture to the last pixel, its white half is drawn anew
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    painted = pixels(run(capsys, "a small blue square", "--init-image", tmp_path / "in.png", "--mask",
+                         tmp_path / "mask.png", "--out", tmp_path / "painted", "--seed", 3))[0].astype(int)
+    assert np.abs(painted[:, :16] - picture[:, :16]).max() <= 1                    # PNG rounding only
+    assert np.abs(painted[:, 16:] - picture[:, 16:]).mean() > 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init-image", "{tmp}/missing.png"], "missing.png"),
+    (["--init-image", "{tmp}/in.png", "--strength", "0"], "--strength must be in (0, 1]"),
+    (["--init-image", "{tmp}/in.png", "--strength", "1.5"], "--strength must be in (0, 1]"),
+    (["--strength", "0.5"], "give it with --init-image"),
+    (["--init-image", "{tmp}/in.png", "--mask", "{tmp}/small.png"], "must be the same size"),
+    (["--init-image", "{tmp}/in.png", "--mask", "{tmp}/notes.txt"], "notes.txt"),
+])
+def test_bad_edits_exit_2(argv, message, tmp_path, capsys):
+    scene_png(tmp_path / "in.png")
+    Image.new("L", (16, 16)).save(tmp_path / "small.png")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(SystemExit) as e:
+        sample.main(FAST + ["a red circle", "--out", str(tmp_path / "out")] + [a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "sample.py: error:" in err and message in err
