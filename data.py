@@ -45,6 +45,13 @@ def bucket(h, w, native, multiple, table=ASPECT_RATIOS):
     return tuple(max(multiple, round(v * native / 1024 / multiple) * multiple) for v in table[ratio])
 
 
+def read_picture(path):
+    """A picture file as (1, 3, H, W) floats in [-1, 1]."""
+    with Image.open(path) as im:
+        pixels = np.array(im.convert("RGB"))               # a copy torch may write to
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
 def resize_and_crop(images, h, w):
     """Scale (B, 3, H, W) images to cover h x w, then cut out the centre (diffusers' resize_and_crop_tensor)."""
     H, W = images.shape[-2:]
@@ -144,16 +151,14 @@ def precompute(folder, cache, t5_path, vae_path, image_size, device):
     pairs, index, skipped = read_captions(folder), [], 0
     for path, caption in tqdm(pairs, desc="precompute"):
         try:
-            with Image.open(path) as im:
-                pixels = np.array(im.convert("RGB"))   # a copy torch may write to
+            image = read_picture(path)                     # (1, 3, H, W)
         except Exception as e:                             # a corrupt file costs one image, not the run
             skipped += 1
             tqdm.write(f"skipping {path}: {e}")
             continue
-        H, W = pixels.shape[:2]
+        H, W = image.shape[-2:]
         ratio = min(ASPECT_RATIOS_TRAIN, key=lambda r: abs(r - H / W))
         h, w = bucket(H, W, image_size, 2 * vae.downscale, ASPECT_RATIOS_TRAIN)  # patch 2 divides
-        image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1          # (1, 3, H, W)
         mean, std = vae.encode(resize_and_crop(image, h, w).to(device))                     # (1, C, h/f, w/f)
         y, mask = t5([caption])
         n = int(mask.sum())                                # keep the real tokens only; padding comes back at batch time

@@ -354,8 +354,8 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     ts_device = ts.to(noise.device)          # copied once: a copy from the CPU inside the loop would wait for the GPU
     x, x0_prev = noise.float(), None
     if known is not None:                    # the noise that x holds over the known latents
-        (original, keep), a = known, abar[ts[0]].item()
-        eps_known = (x - math.sqrt(a) * original.float()) / math.sqrt(1 - a)
+        (original, keep), a = (known[0].float(), known[1]), abar[ts[0]].item()
+        eps_known = (x - math.sqrt(a) * original) / math.sqrt(1 - a)
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
         t = ts[i]
         out = model(torch.cat([x, x]).to(dtype), ts_device[i].repeat(2 * B), y2, m2, hw2, ar2).float()
@@ -384,7 +384,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
             x = math.sqrt((1 - a_s) / (1 - a_t)) * x - math.sqrt(a_s) * math.expm1(-h) * d
             x0_prev = x0
         if known is not None:                # inpainting: the known region, noised to where x is now
-            x = torch.where(keep, math.sqrt(a_s) * original.float() + math.sqrt(1 - a_s) * eps_known, x)
+            x = torch.where(keep, math.sqrt(a_s) * original + math.sqrt(1 - a_s) * eps_known, x)
     return x
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import TOY, bucket, resize_and_crop
+from data import TOY, bucket, read_picture, resize_and_crop
 from pixart_min import T, T5_FILES, T5TextEncoder, load_pixart, local_folder, q_sample, sample
 from vae import VAE_FILES, AutoencoderKL, Pixels
 
@@ -130,8 +130,7 @@ def check_edit_args(args, error):
 def load_edit(args, vae, h, w, device, dtype):
     """The picture to edit as clean latents (1, C, h/f, w/f), and where to keep it (1, 1, h/f, w/f, bool) or None:
     the mask's black part (below half grey), at the latents' size."""
-    picture = torch.from_numpy(np.asarray(Image.open(args.init_image).convert("RGB"), np.float32) / 127.5 - 1)
-    picture = resize_and_crop(picture.permute(2, 0, 1)[None], h, w)       # (1, 3, h, w) in [-1, 1]
+    picture = resize_and_crop(read_picture(args.init_image), h, w)       # (1, 3, h, w) in [-1, 1]
     with torch.no_grad():
         latents = vae.to(device).encode(picture.to(device, dtype))[0].float().cpu() * vae.scaling_factor
     vae.cpu()
