@@ -33,7 +33,8 @@ ASPECT_RATIOS = {
     2.5: (1600, 640), 3.0: (1728, 576), 4.0: (2048, 512),
 }
 
-# training uses 7 more, the most extreme ratios (the inference table skips them)
+# training uses 7 more, the most extreme ratios (the inference table skips them); PixArt-Sigma's 2K model samples at
+# all 40, with sizes x 2 (diffusers ASPECT_RATIO_2048_BIN, as a test checks)
 ASPECT_RATIOS_TRAIN = {**ASPECT_RATIOS, 0.26: (512, 1984), 0.27: (512, 1920), 2.89: (1664, 576), 3.11: (1792, 576),
                        3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512)}
 

@@ -30,10 +30,10 @@ class PixArtConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     caption_channels: int = 4096  # T5-v1.1-XXL width
-    model_max_length: int = 120   # text tokens
+    model_max_length: int = 120   # text tokens: 120 in PixArt-alpha, 300 in PixArt-Sigma
     learn_sigma: bool = True
     micro_condition: bool = False  # 1024-MS: embed the image size and aspect ratio
-    pe_interpolation: float = 1.0  # "lewei_scale": 1 at 256 and 512 px, 2 at 1024 px
+    pe_interpolation: float = 1.0  # "lewei_scale": alpha 1 at 256 and 512 px, 2 at 1024; Sigma input_size / 64
     class_dropout_prob: float = 0.1  # §2.2: 10% of captions replaced by the null caption
     prediction: str = "epsilon"   # what the network predicts: the noise (the paper), or "v" (the toy; see eps_from)
 
@@ -42,6 +42,9 @@ PRESETS = {
     "PixArt-XL-2-256": PixArtConfig(input_size=32),
     "PixArt-XL-2-512": PixArtConfig(input_size=64),
     "PixArt-XL-2-1024-MS": PixArtConfig(input_size=128, micro_condition=True, pe_interpolation=2.0),
+    # PixArt-Sigma (arXiv 2403.04692): alpha's keys and sizes; 300 tokens, no micro-conditions, the SDXL VAE
+    **{f"PixArt-Sigma-XL-2-{name}": PixArtConfig(input_size=n, model_max_length=300, pe_interpolation=n / 64)
+       for name, n in [("256x256", 32), ("512-MS", 64), ("1024-MS", 128), ("2K-MS", 256)]},
     "toy": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=192, depth=6, num_heads=3,
                         caption_channels=64, model_max_length=24, prediction="v"),
     "tiny": PixArtConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, caption_channels=32),
@@ -327,8 +330,11 @@ def training_loss(model, x0, y, mask=None, hw=None, ar=None, t=None, noise=None,
     return (mse + vb).mean()
 
 
-def timesteps(steps, start=T - 1):
-    """The sampling grid of PixArt's hub scheduler ("linspace" spacing): e.g. 999, 949, ..., 100, 50 for 20 steps."""
+def timesteps(steps, start=T - 1, lcm=False):
+    """The sampling grid of PixArt's hub scheduler ("linspace" spacing): e.g. 999, 949, ..., 100, 50 for 20 steps.
+    LCM's: `steps` points of the 50-step grid it was distilled on (999, 979, ..., 19): 999, 759, 499, 259 for 4."""
+    if lcm:
+        return T - 1 - T // 50 * (torch.arange(steps) * 50 // steps)
     return torch.linspace(0, start, steps + 1, dtype=torch.float64).round().flip(0)[:-1].long()
 
 
@@ -337,6 +343,7 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
            hw=None, ar=None, generator=None, progress=False, start=T - 1, known=None):
     """Denoise `noise` (B, C, H, W) into clean latents, guided by captions y (B, L, C_text) with mask (B, L).
     The null caption is the model's y_embedding unless null_y (the negative prompt's features) is given.
+    sampler "lcm" is a consistency model's (PixArt-LCM: 4 steps, cfg_scale=1, which runs the captioned half alone).
     A lower `start` finishes latents already noised to that step (q_sample: SDEdit). known=(latents, keep) inpaints:
     where keep (bool) is True, x is those latents noised to each step with x's first noise; the model paints the
     rest. `generator` draws ddpm's noise: one for the batch, or a list of one per picture (each its own)."""
@@ -345,12 +352,13 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
     if null_y is None:                       # the official guidance: the null caption, with the prompt's mask
         null_y, null_mask = model.y_embedder.y_embedding[None, :y.shape[1]].expand_as(y), mask
     B, C, dtype = len(noise), model.config.in_channels, next(model.parameters()).dtype
-    y2, m2 = torch.cat([null_y, y]), None if mask is None else torch.cat([null_mask, mask])
+    k = 1 if cfg_scale == 1 else 2          # guidance at scale 1 is the captioned prediction: no null half
+    y2, m2 = torch.cat([null_y, y])[-k * B:], None if mask is None else torch.cat([null_mask, mask])[-k * B:]
     if m2 is not None and m2.any():          # padding that every caption masks changes nothing: drop it once
         keep = int(m2.any(0).nonzero().max()) + 1
         y2, m2 = y2[:, :keep], m2[:, :keep]
-    hw2, ar2 = (None if v is None else torch.cat([v, v]) for v in (hw, ar))
-    ts, abar = timesteps(steps, start), ALPHAS_CUMPROD
+    hw2, ar2 = (None if v is None else v.repeat(k, 1) for v in (hw, ar))
+    ts, abar = timesteps(steps, start, lcm=sampler == "lcm"), ALPHAS_CUMPROD
     ts_device = ts.to(noise.device)          # copied once: a copy from the CPU inside the loop would wait for the GPU
     x, x0_prev = noise.float(), None
     if known is not None:                    # the noise that x holds over the known latents
@@ -358,22 +366,27 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         eps_known = (x - math.sqrt(a) * original) / math.sqrt(1 - a)
     for i in tqdm(range(steps), disable=not progress, desc=sampler):
         t = ts[i]
-        out = model(torch.cat([x, x]).to(dtype), ts_device[i].repeat(2 * B), y2, m2, hw2, ar2).float()
-        out_u, out_c = out[:, :C].chunk(2)                               # (B, C, H, W) each
+        out = model(x.repeat(k, 1, 1, 1).to(dtype), ts_device[i].repeat(k * B), y2, m2, hw2, ar2).float()
+        out_u, out_c = out[:B, :C], out[-B:, :C]                         # (B, C, H, W) each; at k = 1 the same
         a_t = abar[t].item()
         eps = eps_from(out_u + cfg_scale * (out_c - out_u), x, a_t, model.config.prediction)   # guided noise
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)             # the clean latents it predicts
+        if sampler == "lcm":                 # consistency models' boundary condition f(x, 0) = x; t scaled by 10
+            c = (10 * t.item()) ** 2 + 0.25                              # sigma_data^2 = 0.25; ~x0 unless t < 1
+            x0 = 0.25 / c * x + math.sqrt(1 - 0.25 / c) * x0
         a_s = abar[ts[i + 1]].item() if i + 1 < steps else 1.0          # 1.0: clean
         if i + 1 == steps:                                               # every sampler ends on that estimate
             x = x0
         elif sampler == "ddim":                                          # deterministic: keep the same eps
             x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
-        elif sampler == "ddpm":                                          # ancestral, with the learned variance
-            mean, min_log, max_log = posterior(x0, x, abar[t], abar[ts[i + 1]])
-            logvar = learned_logvar(out[B:, C:], min_log.float(), max_log.float())
+        elif sampler in ("ddpm", "lcm"):                                 # ancestral: fresh noise at each step
             z = (torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
-                 if isinstance(generator, list) else torch.randn(x.shape, generator=generator))
-            x = mean + (0.5 * logvar).exp() * z.to(x.device)
+                 if isinstance(generator, list) else torch.randn(x.shape, generator=generator)).to(x.device)
+            if sampler == "lcm":                                         # the estimate, noised afresh to step s
+                x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * z
+            else:                                                        # the posterior, with the learned variance
+                mean, min_log, max_log = posterior(x0, x, abar[t], abar[ts[i + 1]])
+                x = mean + (0.5 * learned_logvar(out[-B:, C:], min_log.float(), max_log.float())).exp() * z
         else:                                                 # DPM-Solver++(2M), in lambda = log(alpha/sigma)
             lam = lambda a: 0.5 * math.log(a / (1 - a))
             h = lam(a_s) - lam(a_t)
@@ -386,44 +399,6 @@ def sample(model, noise, y, mask, *, null_y=None, null_mask=None, steps=20, cfg_
         if known is not None:                # inpainting: the known region, noised to where x is now
             x = torch.where(keep, math.sqrt(a_s) * original + math.sqrt(1 - a_s) * eps_known, x)
     return x
-
-
-def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler, generator, start, known):
-    """sample()'s arguments, checked before any work, each mistake by name. Returns steps and start as ints."""
-    if sampler not in ("dpm-solver", "ddim", "ddpm"):
-        raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim or ddpm")
-    if not (int(start) == start and 1 <= start < T):
-        raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
-    if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
-        raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
-    if model.training:
-        raise ValueError("sample needs model.eval(): in training mode the model drops captions at random")
-    if isinstance(generator, list) and len(generator) != len(noise):
-        raise ValueError(f"{len(generator)} generators for {len(noise)} pictures: give one per picture, or one")
-    if sampler == "ddpm" and not model.config.learn_sigma:
-        raise ValueError("ddpm draws with the learned variance, and this model does not learn sigma: "
-                         "use dpm-solver or ddim")
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
-    if known is not None and not (known[0].shape == noise.shape and known[1].dtype == torch.bool and known[1].dim()
-                                  == noise.dim() and all(k in (1, n) for k, n in zip(known[1].shape, noise.shape))):
-        raise ValueError(f"known=(latents, keep) needs latents of the noise's shape {tuple(noise.shape)} and a "
-                         f"bool keep that broadcasts to it, got {tuple(known[0].shape)} and {known[1].dtype} "
-                         f"{tuple(known[1].shape)}")
-    if null_y is None:
-        if y.shape[1] > model.config.model_max_length:
-            raise ValueError(f"captions of {y.shape[1]} tokens, but the model's null caption has "
-                             f"{model.config.model_max_length}: encode them to that length")
-        if not model.has_null_caption:
-            raise ValueError("this model's weights carry no null caption (diffusers format): pass null_y and "
-                             "null_mask, the features of the negative prompt ('' by default)")
-    else:
-        if (null_mask is None) != (mask is None):
-            raise ValueError("give null_mask with null_y (and mask with y), or neither: the masks say which tokens "
-                             "are real")
-        if len(null_y) != len(y):
-            raise ValueError(f"{len(null_y)} null captions for {len(y)} captions: give one per caption")
-    return int(steps), int(start)
 
 
 # ==================== Text: sentencepiece pieces -> T5 features ===============
@@ -445,8 +420,7 @@ def local_folder(path, allow_patterns=None):
 def tokenize(sp, prompts, max_length=120):
     """Prompts -> ids and mask (B, max_length) as T5's tokenizer makes them: pieces, </s> (id 1), padding (id 0)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)   # one prompt, not one per character
-    ids = torch.zeros(len(prompts), max_length, dtype=torch.long)
-    mask = torch.zeros(len(prompts), max_length, dtype=torch.long)
+    ids, mask = torch.zeros(2, len(prompts), max_length, dtype=torch.long)       # (B, max_length) each
     for i, pieces in enumerate(sp.encode(prompts)):
         if len(pieces) >= max_length:
             warnings.warn(f"prompt {i} has {len(pieces) + 1} tokens and was truncated to {max_length}: "
@@ -520,19 +494,26 @@ def from_diffusers(sd):
     return out
 
 
-def config_from_diffusers(cfg):
-    """diffusers' transformer config.json -> PixArtConfig fields."""
+def pe_interpolation(input_size, max_length):
+    """The position table's scale where a config does not say: alpha's rule, or Sigma's (300 tokens) without a floor."""
+    return input_size / 64 if max_length == 300 else max(input_size // 64, 1)
+
+
+def config_from_diffusers(cfg, sigma=False):
+    """diffusers' transformer config.json -> PixArtConfig fields. Its config does not store the caption length:
+    sigma=True (the pipeline is PixArtSigmaPipeline), 2K (only Sigma has it) or Sigma's 256 px scale 0.5 say 300."""
     if "caption_channels" not in cfg:                                 # e.g. another model's transformer/
         raise ValueError(f"not a PixArt transformer: its config.json ({cfg.get('_class_name', 'no class name')}) has "
                          "no caption_channels")
     size, c_in = cfg["sample_size"], cfg["in_channels"]
-    micro = cfg.get("use_additional_conditions")
+    micro, scale = cfg.get("use_additional_conditions"), cfg.get("interpolation_scale")
+    tokens = 300 if sigma or size == 256 or scale == size / 64 < 1 else 120
     return dict(input_size=size, patch_size=cfg["patch_size"], in_channels=c_in, depth=cfg["num_layers"],
                 hidden_size=cfg["num_attention_heads"] * cfg["attention_head_dim"],
                 num_heads=cfg["num_attention_heads"], caption_channels=cfg["caption_channels"],
-                learn_sigma=cfg.get("out_channels") == 2 * c_in,
-                micro_condition=size == 128 if micro is None else micro,
-                pe_interpolation=cfg.get("interpolation_scale") or max(size // 64, 1))
+                learn_sigma=cfg.get("out_channels") == 2 * c_in, model_max_length=tokens,
+                micro_condition=size == 128 and tokens == 120 if micro is None else micro,
+                pe_interpolation=scale or pe_interpolation(size, tokens))
 
 
 def config_from_weights(sd, captions=True):
@@ -552,7 +533,7 @@ def config_from_weights(sd, captions=True):
         raise ValueError(f"not a PixArt checkpoint: it has no {e} (first keys: {sorted(sd)[:3]})") from None
     if "pos_embed" in sd:                                                # (1, (input_size/p)^2, D)
         cfg["input_size"] = math.isqrt(sd["pos_embed"].shape[1]) * p
-        cfg["pe_interpolation"] = max(cfg["input_size"] // 64, 1)       # official: 2 at 1024 px, else 1
+        cfg["pe_interpolation"] = pe_interpolation(cfg["input_size"], cfg["model_max_length"])
     return cfg
 
 
@@ -588,7 +569,7 @@ def load_strict(model, sd, source):
 def load_pixart(path, device="cpu", dtype=torch.float32, **config):
     """An official .pth, a .safetensors file, or a diffusers folder / hub id -> PixArt in eval mode.
     Keyword arguments override config fields the weights cannot tell (num_heads, input_size, ...)."""
-    path = local_folder(path, ["transformer/*"])
+    path = local_folder(path, ["transformer/*", "model_index.json"])
     if (path / "pixart.safetensors").exists():                          # this project's own model folders
         path = path / "pixart.safetensors"
     if path.is_dir():
@@ -597,7 +578,9 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
         if not files or not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} has no config.json and diffusion_pytorch_model.safetensors")
         sd = {k: v for f in files for k, v in read_weights(f)[0].items()}
-        stored = config_from_diffusers(json.loads((folder / "config.json").read_text()))
+        index = folder.parent / "model_index.json"                      # a whole pipeline's: which one?
+        sigma = index.is_file() and "PixArtSigmaPipeline" in index.read_text()
+        stored = config_from_diffusers(json.loads((folder / "config.json").read_text()), sigma)
     else:
         sd, stored = read_weights(path)
     diffusers = "pos_embed.proj.weight" in sd
@@ -610,6 +593,10 @@ def load_pixart(path, device="cpu", dtype=torch.float32, **config):
         raise ValueError(f"{path} does not tell the head count of its {cfg['hidden_size']}-wide model: pass num_heads")
     if "input_size" not in cfg:
         raise ValueError(f"{path} does not tell the training resolution: pass input_size (latent side, 128 at 1024 px)")
+    cfg.setdefault("pe_interpolation", pe_interpolation(cfg["input_size"], cfg["model_max_length"]))
+    if len(sd.get("y_embedder.y_embedding", ())) not in (0, cfg["model_max_length"]):
+        raise ValueError(f"{path} holds a null caption of {len(sd['y_embedder.y_embedding'])} tokens (PixArt-alpha: "
+                         f"120, PixArt-Sigma: 300), the config asks for {cfg['model_max_length']}: drop that override")
     model = PixArt(PixArtConfig(**cfg))
     if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
         raise ValueError(f"pos_embed is {tuple(sd['pos_embed'].shape)} in {path}, but input_size "
@@ -629,3 +616,43 @@ def save_pixart(model, path):
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
           if model.has_null_caption or k != "y_embedder.y_embedding"}
     save_file(sd, str(path), metadata={"pixart_config": json.dumps(asdict(model.config))})
+
+
+# ==================== sample()'s arguments, checked ==========================
+
+def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale, sampler, generator, start, known):
+    """sample()'s arguments, checked before any work, each mistake by name. Returns steps and start as ints."""
+    if sampler not in ("dpm-solver", "ddim", "ddpm", "lcm"):
+        raise ValueError(f"unknown sampler {sampler!r}: choose dpm-solver, ddim, ddpm or lcm")
+    if sampler == "lcm" and (cfg_scale != 1 or start != T - 1 or not 1 <= steps <= 50):
+        raise ValueError(f"lcm takes no guidance (its teacher's is distilled in: cfg_scale=1), starts from pure noise "
+                         f"and takes 1 to 50 steps; got cfg_scale={cfg_scale}, start={start}, steps={steps}")
+    if not (int(start) == start and 1 <= start < T):
+        raise ValueError(f"start must be a step from 1 to {T - 1}, got {start!r}")
+    if not (int(steps) == steps and 1 <= steps <= start):  # more steps than that would visit one t twice
+        raise ValueError(f"steps must be an integer from 1 to {start}, got {steps!r}")
+    if model.training:
+        raise ValueError("sample needs model.eval(): in training mode the model drops captions at random")
+    if isinstance(generator, list) and len(generator) != len(noise):
+        raise ValueError(f"{len(generator)} generators for {len(noise)} pictures: give one per picture, or one")
+    if sampler == "ddpm" and not model.config.learn_sigma:
+        raise ValueError("ddpm draws with the learned variance, and this model does not learn sigma: "
+                         "use dpm-solver or ddim")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"guidance scale must be a finite number >= 0, got {cfg_scale!r}")
+    if known is not None and not (known[0].shape == noise.shape and known[1].dtype == torch.bool and known[1].dim()
+                                  == noise.dim() and all(k in (1, n) for k, n in zip(known[1].shape, noise.shape))):
+        raise ValueError(f"known=(latents, keep) needs latents of the noise's shape {tuple(noise.shape)} and a "
+                         f"bool keep that broadcasts to it, got {tuple(known[0].shape)} and {known[1].dtype} "
+                         f"{tuple(known[1].shape)}")
+    if y.shape[1] > model.config.model_max_length:                 # alpha was trained on 120 tokens, Sigma on 300
+        raise ValueError(f"captions of {y.shape[1]} tokens, but this model reads at most "
+                         f"{model.config.model_max_length}: encode them to that length (T5TextEncoder's max_length)")
+    if null_y is None and not model.has_null_caption and cfg_scale != 1:
+        raise ValueError("this model's weights carry no null caption (diffusers format): pass null_y and "
+                         "null_mask, the features of the negative prompt ('' by default)")
+    if null_y is not None and (null_mask is None) != (mask is None):
+        raise ValueError("give null_mask with null_y (and mask with y), or neither: masks say which tokens are real")
+    if null_y is not None and len(null_y) != len(y):
+        raise ValueError(f"{len(null_y)} null captions for {len(y)} captions: give one per caption")
+    return int(steps), int(start)

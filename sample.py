@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import TOY, bucket, read_picture, resize_and_crop
+from data import ASPECT_RATIOS, ASPECT_RATIOS_TRAIN, TOY, bucket, read_picture, resize_and_crop
 from pixart_min import T, T5_FILES, T5TextEncoder, load_pixart, local_folder, q_sample, sample
 from vae import VAE_FILES, AutoencoderKL, Pixels
 
@@ -51,6 +51,11 @@ def free(device):
 
 def check_args(args, error):
     """Every mistake we can see before loading a model, as `sample.py: error: ...` (exit code 2)."""
+    lcm = args.sampler == "lcm"                                       # PixArt-LCM: 4 steps, no guidance
+    if lcm and (args.cfg not in (None, 1) or args.init_image):
+        error("--sampler lcm takes no --cfg (its guidance is distilled in) and no --init-image: leave them out")
+    args.steps = (4 if lcm else 20) if args.steps is None else args.steps
+    args.cfg = (1.0 if lcm else 4.5) if args.cfg is None else args.cfg
     if args.steps < 1 or args.steps >= T:
         error(f"--steps must be from 1 to {T - 1}, got {args.steps}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
@@ -173,9 +178,10 @@ def make_parser():
     parser.add_argument("--mask", help="with --init-image: a picture of its size; white is repainted, black kept")
     parser.add_argument("--negative-prompt", help="its T5 features replace the null caption in guidance")
     parser.add_argument("--seed", type=int, default=0, help="image k of each prompt is drawn from seed+k, whatever --n")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1: none)")
-    parser.add_argument("--sampler", choices=["dpm-solver", "ddim", "ddpm"], default="dpm-solver")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 20; 4 with --sampler lcm)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 4.5; 1: none)")
+    parser.add_argument("--sampler", choices=["dpm-solver", "ddim", "ddpm", "lcm"], default="dpm-solver",
+                        help="lcm: for PixArt-LCM weights (or a distilled toy), no guidance")
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,9 +212,21 @@ def main(argv=None):
         parser.error(f"the VAE has {vae.latent_channels} latent channels, the model {c.in_channels}")
     if args.sampler == "ddpm" and not c.learn_sigma:
         parser.error("--sampler ddpm draws with the learned variance, and this model does not learn sigma")
+    sigma = c.model_max_length == 300                                 # PixArt-Sigma: 300 caption tokens
+    want, hub = ((0.13025, "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers") if sigma      # the SDXL VAE
+                 else (0.18215, "PixArt-alpha/PixArt-XL-2-1024-MS"))                     # the SD VAE
+    if c.in_channels == 4 and vae.scaling_factor in (0.13025, 0.18215) and vae.scaling_factor != want:
+        parser.error(f"this model's latents are scaled by {want} ({'SDXL' if sigma else 'SD'}'s VAE), the VAE given "
+                     f"scales by {vae.scaling_factor}: use the VAE of {hub}")
     native, multiple = c.input_size * f, f * c.patch_size
     H, W = args.height or (args.init_size or [native])[0], args.width or (args.init_size or [0, native])[1]
-    h, w = bucket(H, W, native, multiple) if c.micro_condition else (H, W)   # what the model draws
+    buckets = c.micro_condition or sigma                              # the multi-scale models draw at a bucket
+    if buckets and H * W > 3 * native ** 2:                         # it draws native-size buckets, then resizes
+        parser.error(f"{H}x{W} is {H * W / native ** 2:.1f} times the area this model was trained at ({native}x"
+                     f"{native}): ask for at most 3 times that, or use a model trained that large (2048 px: "
+                     "PixArt-Sigma-XL-2-2K-MS)")
+    table = ASPECT_RATIOS_TRAIN if native == 2048 else ASPECT_RATIOS  # Sigma 2K: all 40 training ratios, x 2
+    h, w = bucket(H, W, native, multiple, table) if buckets else (H, W)   # what the model draws
     if h % multiple or w % multiple:
         parser.error(f"--height and --width must be multiples of {multiple} for this model (VAE downscale {f} x "
                      f"patch size {c.patch_size}), got {H}x{W}")

@@ -294,14 +294,15 @@ def pixart_scheduler(prediction_type="epsilon"):
     )
 
 
-def make_pipeline_dir(folder, transformer_cfg=None, micro=False):
+def make_pipeline_dir(folder, transformer_cfg=None, micro=False, sigma=False):
     """Write a complete tiny diffusers-format PixArt-alpha pipeline into folder; return the folder.
 
     Same layout as the hub repo: transformer/, vae/, text_encoder/, tokenizer/ (spiece.model and its
     json configs), scheduler/, model_index.json. micro=True switches on the 1024-MS micro-conditions
     (use_additional_conditions). transformer_cfg overrides diffusers_pixart's defaults. The transformer's
     class is written under its current diffusers name, PixArtTransformer2DModel (the hub repo, saved
-    by an older diffusers, says Transformer2DModel).
+    by an older diffusers, says Transformer2DModel). sigma=True writes a PixArt-Sigma pipeline instead: its
+    model_index names PixArtSigmaPipeline, and its VAE has the SDXL VAE's scaling factor.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -312,7 +313,8 @@ def make_pipeline_dir(folder, transformer_cfg=None, micro=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # save_pretrained chatter about versions and tied weights
         diffusers_pixart(**cfg).save_pretrained(folder / "transformer")
-        diffusers_vae().save_pretrained(folder / "vae")
+        vae_cfg = dict(scaling_factor=0.13025, force_upcast=False) if sigma else {}
+        diffusers_vae(**vae_cfg).save_pretrained(folder / "vae")
         pixart_scheduler().save_pretrained(folder / "scheduler")
         model_file = train_spm(folder / "tokenizer")
         write_hub_tokenizer_configs(folder / "tokenizer")
@@ -321,7 +323,7 @@ def make_pipeline_dir(folder, transformer_cfg=None, micro=False):
     import diffusers
 
     index = {
-        "_class_name": "PixArtAlphaPipeline",
+        "_class_name": "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline",
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
         "text_encoder": ["transformers", "T5EncoderModel"],

@@ -209,6 +209,10 @@ FULL_CASES = {  # preset -> (diffusers config, latent H, W, our parameter count,
     "PixArt-XL-2-256": (dict(XL, sample_size=32), 32, 32, 610_856_096, "10GB"),
     # the hub config has no interpolation_scale: with sample_size 128 both sides must infer 2
     "PixArt-XL-2-1024-MS": (dict(XL, sample_size=128, use_additional_conditions=True), 16, 16, 611_349_152, "1GB"),
+    # PixArt-Sigma's hub configs: the transformer alone says Sigma by its 256 px scale 0.5 or by the 2K size
+    "PixArt-Sigma-XL-2-256x256": (dict(XL, sample_size=32, interpolation_scale=0.5), 32, 32, 610_856_096, "10GB"),
+    "PixArt-Sigma-XL-2-2K-MS": (dict(XL, sample_size=256, interpolation_scale=4, use_additional_conditions=False),
+                                16, 16, 610_856_096, "10GB"),
 }
 
 
@@ -499,7 +503,7 @@ def test_ddim_matches_diffusers(sampler_setup, steps, monkeypatch):
     # grid. So on the linspace grid the two would differ by design. We swap in the evenly spaced
     # "trailing" grid (999, 949, ..., 49) that DDIMScheduler(timestep_spacing="trailing") uses, and then
     # the update rules themselves must agree.
-    monkeypatch.setattr(pixart_min, "timesteps", lambda n, start: torch.arange(999, 0, -1000 // n))
+    monkeypatch.setattr(pixart_min, "timesteps", lambda n, start, lcm=False: torch.arange(999, 0, -1000 // n))
     ours = sample(model, noise, y, mask, null_y=null_y, null_mask=null_mask, steps=steps, sampler="ddim")
     scheduler = ddim_scheduler()
     theirs = diffusers_loop(scheduler, model, noise, y, mask, null_y, null_mask, steps, 4.5)
@@ -515,7 +519,7 @@ def test_v_prediction_matches_diffusers(sampler_setup, sampler, monkeypatch):
     model, noise, y, mask, null_y, null_mask = sampler_setup
     vmodel = as_denoiser(model, VDenoiser, prediction="v")
     if sampler == "ddim":                                                  # the evenly spaced grid, as above
-        monkeypatch.setattr(pixart_min, "timesteps", lambda n, start: torch.arange(999, 0, -1000 // n))
+        monkeypatch.setattr(pixart_min, "timesteps", lambda n, start, lcm=False: torch.arange(999, 0, -1000 // n))
     scheduler = pixart_scheduler("v_prediction") if sampler == "dpm-solver" else ddim_scheduler("v_prediction")
     ours = sample(vmodel, noise, y, mask, null_y=null_y, null_mask=null_mask, steps=10, sampler=sampler)
     theirs = diffusers_loop(scheduler, vmodel, noise, y, mask, null_y, null_mask, 10, 4.5)
@@ -540,8 +544,47 @@ def test_ddpm_and_guidance_scale_zero(sampler_setup):
     kw = dict(null_y=null_y, null_mask=null_mask, steps=10, sampler="ddim")
     zero = sample(model, noise, y, mask, cfg_scale=0.0, **kw)
     null_only = sample(model, noise, null_y, null_mask, cfg_scale=1.0, **kw)
-    assert report("ddim cfg 0 vs null caption alone", max_err(zero, null_only)) <= 1e-6
+    assert report("ddim cfg 0 vs null caption alone", max_err(zero, null_only)) <= 1e-5    # float rounding
     assert max_err(zero, sample(model, noise, y, mask, cfg_scale=1.0, **kw)) > 1e-2
+
+
+def lcm_scheduler():
+    """LCMScheduler as PixArt-LCM's training script validates with (train_scripts/train_pixart_lcm.py: linear betas
+    1e-4 .. 0.02, epsilon, set_timesteps(steps, 50)); the other settings are LCMScheduler's defaults: 50 original
+    steps, "leading" spacing, timestep_scaling 10, set_alpha_to_one."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("steps", [4, 1, 2, 3, 8])
+def test_lcm_matches_diffusers(sampler_setup, steps):
+    """PixArt-LCM's loop as diffusers' PixArtAlphaPipeline runs it at guidance_scale 0 (no guidance: the captioned
+    prediction alone), each step's fresh noise drawn from the same generator."""
+    model, noise, y, mask, _, _ = sampler_setup
+    scheduler, g = lcm_scheduler(), torch.Generator().manual_seed(13)
+    scheduler.set_timesteps(steps)
+    assert torch.equal(scheduler.timesteps, pixart_min.timesteps(steps, lcm=True))   # 999, 759, 499, 259 for 4
+    latents = noise.clone()
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            out = model(latents, t.expand(len(noise)), y, mask)
+        latents = scheduler.step(out.chunk(2, dim=1)[0], t, latents, generator=g).prev_sample
+    ours = sample(model, noise, y, mask, steps=steps, cfg_scale=1, sampler="lcm",
+                  generator=torch.Generator().manual_seed(13))
+    err = max_err(ours, latents) / latents.abs().max().item()
+    assert report(f"lcm {steps} steps (relative)", err) <= 1e-5
+    if steps > 1:                                                            # the fresh noise matters
+        other = sample(model, noise, y, mask, steps=steps, cfg_scale=1, sampler="lcm",
+                       generator=torch.Generator().manual_seed(14))
+        assert max_err(ours, other) > 1e-3
+
+
+def test_lcm_rejects_what_it_cannot_use(sampler_setup):
+    model, noise, y, mask, null_y, null_mask = sampler_setup
+    for bad in [dict(cfg_scale=4.5, null_y=null_y, null_mask=null_mask), dict(start=500, steps=4), dict(steps=51)]:
+        with pytest.raises(ValueError, match="lcm takes no guidance .* cfg_scale=1.* 1 to 50 steps"):
+            sample(model, noise, y, mask, sampler="lcm", **{"cfg_scale": 1, **bad})
 
 
 def test_sample_rejects_bad_arguments(sampler_setup):
@@ -558,7 +601,7 @@ def test_sample_rejects_bad_arguments(sampler_setup):
             sample(model, noise, y, mask, **{**kw, **bad})
     assert torch.equal(sample(model, noise, y, mask, steps=2.0, **kw), sample(model, noise, y, mask, steps=2, **kw))
     own = PixArt(PRESETS["tiny"]).eval()                                     # the null caption is 120 tokens long
-    with pytest.raises(ValueError, match="captions of 121 tokens, but the model's null caption has 120"):
+    with pytest.raises(ValueError, match="captions of 121 tokens, but this model reads at most 120"):
         sample(own, noise, torch.randn(2, 121, 32), torch.ones(2, 121), steps=2)
     with pytest.raises(ValueError, match=r"model.eval\(\)"):                # training mode drops captions at random
         sample(own.train(), noise, y, mask, steps=2)

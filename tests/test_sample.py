@@ -118,6 +118,7 @@ def test_empty_prompt_warns(pipeline_dir, tmp_path, capsys):
     (["--steps", "0"], "--steps"),
     (["--steps", "1000"], "from 1 to 999"),
     (["--cfg", "nan"], "--cfg"),
+    (["--sampler", "lcm", "--cfg", "4.5"], "--sampler lcm takes no --cfg"),
     (["--n", "0"], "--n"),
     (["--model", "{tmp}/no-such-folder"], "no-such-folder"),
     (["--ckpt", "{tmp}/model.pth"], "--t5"),

@@ -43,6 +43,18 @@ def test_negative_prompt_is_the_null_caption(pipeline_dir, tmp_path, capsys):
     assert torch.allclose(negative[0], want[0], atol=1e-6)
 
 
+def test_lcm_from_the_command_line(pipeline_dir, tmp_path, capsys):
+    """--sampler lcm: 4 steps and no guidance unless told, each picture's fresh noise from its own seed."""
+    got = run(capsys, "a red circle", "--model", pipeline_dir, "--height", 16, "--width", 24, "--sampler", "lcm",
+              "--n", 2, "--out", tmp_path, steps=4)
+    y, mask = T5TextEncoder(pipeline_dir)(["a red circle"])
+    generators = [torch.Generator().manual_seed(k) for k in (0, 1)]           # the starting noise, then the steps'
+    start = torch.stack([torch.randn(4, 8, 12, generator=g) for g in generators])
+    want = sample_latents(load_pixart(pipeline_dir), start, y.expand(2, -1, -1), mask.expand(2, -1), steps=4,
+                          cfg_scale=1, sampler="lcm", generator=generators)
+    assert len(got) == 2 and all(torch.allclose(g, w, rtol=1e-5, atol=1e-3) for g, w in zip(got, want))
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir_1024(tmp_path_factory):
     """A tiny 1024-MS pipeline as diffusers sees one: transformer sample_size 128 (which switches on diffusers'

@@ -97,15 +97,21 @@ def test_old_attention_names(narrow, tmp_path):
     check_parity(ref, ours, torch.rand(1, 3, 16, 24) * 2 - 1, "old attention names")
 
 
-def test_sd_vae_full_size_decode(tmp_path):
-    ref = reference(SD_VAE)
+# PixArt-Sigma's VAE is SDXL's: the same architecture and keys, latents scaled by 0.13025 (docs/sigma.md §4)
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=False)
+
+
+@pytest.mark.parametrize("name, config", [("sd-vae-ft-ema", SD_VAE), ("SDXL (PixArt-Sigma)", SDXL_VAE)])
+def test_sd_vae_full_size_decode(name, config, tmp_path):
+    ref = reference(config)
     ref.save_pretrained(tmp_path, safe_serialization=True)
     ours = AutoencoderKL.from_pretrained(tmp_path)
+    assert ours.scaling_factor == ref.config.scaling_factor == config["scaling_factor"]   # read from config.json
     torch.manual_seed(3)
-    latents = torch.randn(1, 4, 8, 8)
+    latents = torch.randn(1, 4, 8, 8)                                  # as the sampler leaves them: scaled
     with torch.no_grad():
-        out, want = ours.decode(latents), ref.decode(latents).sample
-    report("VAE sd-vae-ft-ema config: decode 1x4x8x8", max_err(out, want))
+        out, want = ours.decode(latents / ours.scaling_factor), ref.decode(latents / ref.config.scaling_factor).sample
+    report(f"VAE {name} config: decode 1x4x8x8", max_err(out, want))
     assert out.shape == (1, 3, 64, 64) and max_err(out, want) <= TOL
 
 
