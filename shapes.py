@@ -22,6 +22,9 @@ COLORS = {  # every channel fully on or off: any two colours differ by a whole c
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
     "yellow": (255, 255, 0), "magenta": (255, 0, 255), "cyan": (0, 255, 255),
 }
+# Colours the world can draw and read back but never puts in its scenes nor in its tokenizer's corpus: a concept
+# to teach a finished model (notebook 07: a LoRA learns "white", which the toy tokenizer reads as <unk>).
+NEW_COLORS = {"white": (255, 255, 255)}
 BACKGROUND = (0, 0, 0)  # black: a colour blurred into black keeps its hue, so blurry edges still read right
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -138,7 +141,7 @@ def draw(spec, size=32):
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUND
     for obj in spec.objects:
-        img[_mask(obj, SIDE[len(spec.objects)][obj.size], size)] = COLORS[obj.color]
+        img[_mask(obj, SIDE[len(spec.objects)][obj.size], size)] = {**COLORS, **NEW_COLORS}[obj.color]
     return img
 
 
@@ -247,10 +250,11 @@ def sample_batch(n, rng, size=32, n_objects=None, held_out=False, two_share=None
 
 # ==================== The evaluator: read an image back into objects ====================
 
-PALETTE = np.array(list(COLORS.values()), np.float32) / 255  # (K, 3) in [0, 1]
+PALETTE = np.array(list({**COLORS, **NEW_COLORS}.values()), np.float32) / 255  # (K, 3) in [0, 1]
 MIN_BRIGHT = 0.5     # a pixel is background unless its brightest channel is over half way to full colour
 MAX_HUE_DIST = 0.5   # ...and unreadable if its hue is this far from every palette hue (they are >= 1 apart)
 MIN_AREA = 0.01      # connected regions smaller than 1% of the image are specks, not objects
+MAX_AREA = 0.5       # ...and those over half of it a wash (a grey or white frame): the largest object covers 1/4
 # What each shape measures, drawn at 32 px: (fill: area / bounding box, reach: extent along the diagonals /
 # box side, bottom: (bottom-half area - top-half area) / area). Ideal shapes give circle (0.79, 1, 0),
 # square (1, 1.41, 0), triangle (0.5, 1.06, 0.5); small blurred triangles lose their tip, so theirs sit
@@ -278,7 +282,7 @@ def _to_numpy(images):
 
 
 def segment(images):
-    """(N, H, W) int: each pixel's palette index (order of COLORS), or -1 for background or unreadable."""
+    """(N, H, W) int: each pixel's palette index (COLORS, then NEW_COLORS), or -1 for background or unreadable."""
     x = _to_numpy(images)                                          # (N, 3, H, W)
     bright = x.max(1)                                              # (N, H, W)
     hue = x / np.maximum(bright, 1e-6)[:, None]                    # brightness divided out: max channel 1
@@ -333,11 +337,13 @@ def detect(images):
     reach = (diag1[1] - diag1[0] + diag2[1] - diag2[0] + 4) / 2 / np.sqrt(2) / ((box_h + box_w) / 2)
     mid = ((top + bot) / 2)[inv]                                   # each pixel's region's middle row
     bottom = (np.bincount(inv, ys > mid) - np.bincount(inv, ys < mid)) / area
-    names, refs = list(COLORS), np.array(list(SHAPE_MEASURES.values()))
+    names, refs = [*COLORS, *NEW_COLORS], np.array(list(SHAPE_MEASURES.values()))
     found = [[] for _ in range(n)]
     for i in np.argsort(-area, kind="stable"):
         if area[i] < MIN_AREA * h * w:
             break
+        if area[i] > MAX_AREA * h * w:
+            continue
         shape = list(SHAPE_MEASURES)[np.linalg.norm(refs - (fill[i], reach[i], bottom[i]), axis=1).argmin()]
         side = np.sqrt(area[i] / IDEAL_FILL[shape] / (h * w))      # side of the ideal shape of this area
         found[ids[i] // (h * w)].append(Obj(                       # ids are flat pixel indices: image first

@@ -282,3 +282,18 @@ def test_noise_and_blank_images_score_nothing():
             warnings.simplefilter("ignore")                              # grey and white: no value below 0
             scores = shapes.evaluate(x, spec_list)
         assert scores["all"] <= 0.02 and scores["count"] <= 0.05, (name, scores)
+
+
+def test_new_colours_are_drawn_and_read_back_but_never_in_the_scenes_or_the_vocabulary():
+    """NEW_COLORS (white) is the concept notebook 07 teaches: the world draws and reads it, and nothing the bundled
+    model trained on uses it (scenes, captions, the toy tokenizer's corpus)."""
+    import copy
+    scenes = specs(40, seed=5)
+    assert not {o.color for s in scenes for o in s.objects} & set(shapes.NEW_COLORS)
+    assert not {w for line in shapes.VOCAB_SENTENCES for w in line.replace(",", " ").split()} & set(shapes.NEW_COLORS)
+    white = copy.deepcopy(scenes)
+    for s in white:
+        s.objects[0].color = "white"
+    images = torch.from_numpy(np.stack([shapes.draw(s) for s in white])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert shapes.evaluate(images, white)["all"] >= 0.95                       # read back as white, as drawn
+    assert shapes.evaluate(images, scenes)["color"] < 0.8                       # and not as the colour it replaced
