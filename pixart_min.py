@@ -645,7 +645,7 @@ def check_sample_args(model, noise, y, mask, null_y, null_mask, steps, cfg_scale
         raise ValueError(f"known=(latents, keep) needs latents of the noise's shape {tuple(noise.shape)} and a "
                          f"bool keep that broadcasts to it, got {tuple(known[0].shape)} and {known[1].dtype} "
                          f"{tuple(known[1].shape)}")
-    if y.shape[1] > model.config.model_max_length:                 # alpha was trained on 120 tokens, Sigma on 300
+    if y.dim() == 3 and y.shape[1] > model.config.model_max_length:   # alpha: 120 tokens, Sigma: 300 (a DiT: labels)
         raise ValueError(f"captions of {y.shape[1]} tokens, but this model reads at most "
                          f"{model.config.model_max_length}: encode them to that length (T5TextEncoder's max_length)")
     if null_y is None and not model.has_null_caption and cfg_scale != 1:
