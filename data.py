@@ -110,16 +110,18 @@ def toy_text():
 
 class ShapesData:
     """Batches drawn on the fly from the shapes world: pixels are the latents (no VAE), 3 channels. cond "class"
-    gives object 0's shape as a label (stage 1); "text" the dense or sparse captions' T5 features."""
+    gives object 0's shape as a label (stage 1); "text" the dense or sparse captions' T5 features. concept: a
+    colour of shapes.NEW_COLORS that half the scenes' object 0 takes (a new concept to teach, --concept)."""
     channels, downscale = 3, 1
     caption_channels, length = pm.PRESETS["toy"].caption_channels, pm.PRESETS["toy"].model_max_length
 
-    def __init__(self, text, image_size=32, two_share=None, cond="text", captions="dense"):
+    def __init__(self, text, image_size=32, two_share=None, cond="text", captions="dense", concept=None):
         self.text, self.image_size, self.two_share = text, image_size, two_share
-        self.cond, self.captions = cond, captions
+        self.cond, self.captions, self.concept = cond, captions, concept
 
     def batch(self, rng, n):
-        images, dense, sparse, labels, specs = shapes.sample_batch(n, rng, self.image_size, two_share=self.two_share)
+        images, dense, sparse, labels, specs = shapes.sample_batch(n, rng, self.image_size, two_share=self.two_share,
+                                                                   concept=self.concept)
         if self.cond == "class":
             return dict(x0=images, y=labels, mask=None)
         y, mask = self.text(dense if self.captions == "dense" else sparse)

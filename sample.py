@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import lora
 from data import ASPECT_RATIOS, ASPECT_RATIOS_TRAIN, TOY, bucket, read_picture, resize_and_crop
 from pixart_min import T, T5_FILES, T5TextEncoder, load_pixart, local_folder, q_sample, sample
 from vae import VAE_FILES, AutoencoderKL, Pixels
@@ -32,15 +33,23 @@ PIPELINE = ["transformer", "text_encoder", "tokenizer", "vae"]  # the folders of
 def load_components(args, dtype):
     """(a function that loads the text encoder, the transformer, the VAE), the last two on the CPU for now."""
     if args.model:
-        root, model = args.model, load_pixart(args.model, dtype=dtype)
+        root, model = args.model, with_lora(load_pixart(args.model, dtype=dtype), args.lora)
         vae = AutoencoderKL.from_pretrained(root, dtype=dtype) if (root / "vae").is_dir() else Pixels()
         return lambda: T5TextEncoder(root, args.device, dtype, model.config.model_max_length), model, vae
     if args.ckpt:                                  # a .pth holds no config, and its weights do not tell the heads
         model = load_pixart(args.ckpt, dtype=dtype, **({"num_heads": args.num_heads} if args.num_heads else {}))
-        return lambda: T5TextEncoder(args.t5, args.device, dtype, model.config.model_max_length), model, \
-            AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
+        return lambda: T5TextEncoder(args.t5, args.device, dtype, model.config.model_max_length), \
+            with_lora(model, args.lora), AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
     raise FileNotFoundError(f"no --model or --ckpt given, and no bundled model in {TOY}: restore it with git, "
                             "or train one with train.py")
+
+
+def with_lora(model, adapter):
+    """The model, with a PEFT LoRA adapter (folder or hub id) merged into its weights if one is given."""
+    if adapter:
+        lora.load_lora(model, adapter)
+        lora.merge_lora(model)
+    return model
 
 
 def free(device):
@@ -172,6 +181,8 @@ def make_parser():
     parser.add_argument("--vae", help="with --ckpt: diffusers VAE folder or pipeline folder")
     parser.add_argument("--num-heads", type=int, help="with --ckpt: the attention heads, which a .pth does not store "
                         "(known only for PixArt-XL: 16)")
+    parser.add_argument("--lora", help="a LoRA adapter in PEFT's format (folder or hub id), merged into the model: "
+                        "train.py --lora's lora/ folder, or e.g. PixArt-alpha/PixArt-LCM-LoRA-XL-2-1024-MS")
     parser.add_argument("--init-image", help="a picture to edit (SDEdit): noised by --strength, then denoised")
     parser.add_argument("--strength", type=float, help="with --init-image: how much to change, in (0, 1]; "
                         "the sampler runs that share of --steps (default 1, or 0.6 without --mask)")

@@ -232,14 +232,18 @@ VOCAB_SENTENCES = vocab_sentences()
 
 # ==================== Batches ====================
 
-def sample_batch(n, rng, size=32, n_objects=None, held_out=False, two_share=None):
+def sample_batch(n, rng, size=32, n_objects=None, held_out=False, two_share=None, concept=None, concept_share=0.5):
     """n random scenes: (images (n, 3, size, size) float in [-1, 1], dense captions, sparse captions,
     class labels (n,) long, specs). rng is a numpy Generator; the same seed gives the same batch.
-    n_objects: 1 or 2 for every scene, or None for either alike; two_share instead: the chance of two."""
+    n_objects: 1 or 2 for every scene, or None for either alike; two_share instead: the chance of two.
+    concept: a NEW_COLORS name that object 0 takes in a concept_share of the scenes (a new concept to teach)."""
     if two_share is not None and n_objects is not None:
         raise ValueError("give n_objects or two_share, not both")
     counts = [n_objects] * n if two_share is None else [1 + int(rng.random() < two_share) for _ in range(n)]
     specs = [random_spec(rng, k, held_out) for k in counts]
+    for spec in specs if concept else []:
+        if rng.random() < concept_share:
+            spec.objects[0].color = concept
     images = np.stack([draw(s, size) for s in specs])                        # (n, size, size, 3) uint8
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1  # (n, 3, H, W)
     dense = [dense_caption(s) for s in specs]

@@ -8,6 +8,8 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --init runs/stage2/last.pt --image-size 64 --out runs/stage3   # stage 3: higher resolution
   python train.py --resume runs/stage2/last.pt             # continue a killed run, step for step
   python train.py --timesteps uniform                      # the paper's t; the default's and others: docs/options.md
+  python train.py --distill-lcm checkpoints/toy --out runs/lcm   # LCM distillation: 4 steps, no guidance (docs/lcm.md)
+  python train.py --score runs/lcm/last.pt --eval-sampler lcm     # score it with its own sampler (4 steps, cfg 1)
   python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
   python train.py --score checkpoints/toy --eval-n 200 --eval-seed 4242   # the same on another seeded draw
   python train.py --data my_images/ --t5 T5 --vae VAE --preset PixArt-XL-2-256 --image-size 256   # real data
@@ -33,6 +35,8 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+import lcm
+import lora
 import pixart_min as pm
 import shapes
 from data import TOY, TOY_DIT, FolderData, ShapesData, build_toy_text, precompute, toy_text
@@ -46,8 +50,10 @@ def main(argv=None):
     if args.score:                                         # no training: score a finished model and stop
         return score(args, run)
     data = make_data(args, run)
-    model, ema, opt, step = make_model(args, data, run, resumed)
-    train(model, ema, opt, step, data, args, run)
+    teacher = load_teacher(args.distill_lcm, data, run) if args.distill_lcm else None   # frozen
+    model, ema, opt, step = make_model(args, data, run, resumed, teacher)
+    target = lcm_target(model, resumed) if teacher else None               # the EMA student that the loss aims at
+    train(model, ema, opt, step, data, args, run, teacher, target)
     if run.ddp:
         show_replicas_agree(model, run)
         dist.destroy_process_group()
@@ -55,10 +61,12 @@ def main(argv=None):
         os._exit(0)              # gloo's threads can abort the interpreter's own exit (about 1 run in 10 on a CPU)
 
 
-def train(model, ema, opt, step, data, args, run):
+def train(model, ema, opt, step, data, args, run, teacher=None, target=None):
     """The loop. Each step's randomness comes from (seed, step) alone, so a resumed run repeats exactly the batches,
     timesteps, noise and null captions it would have had; every rank draws the global batch and keeps its own
-    slice, so 2 processes with batch B/2 each compute what 1 process computes with batch B."""
+    slice, so 2 processes with batch B/2 each compute what 1 process computes with batch B. With a teacher
+    (--distill-lcm) the loss is LCM distillation's, against a target network: the student's own fast EMA
+    (lcm.TARGET_DECAY). The slow EMA, as in any run, is what is scored and saved."""
     net = nn.parallel.DistributedDataParallel(model) if run.ddp else model
     net = torch.compile(net) if args.compile else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.startswith("cuda") else nullcontext()
@@ -70,18 +78,20 @@ def train(model, ema, opt, step, data, args, run):
         rng = np.random.default_rng([args.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         batch = data.batch(rng, args.batch_size)                   # x0, y, mask (and hw, ar for real data)
-        t = draw_timesteps(args.batch_size, g, args.timesteps)
+        t = draw_timesteps(args.batch_size, g, "lcm" if teacher else args.timesteps)
         noise = torch.randn(batch["x0"].shape, generator=g)
         drop = torch.rand(args.batch_size, generator=g) < args.null_prob   # these captions become the null caption
         lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         local = {k: None if v is None else v[mine].to(run.device) for k, v in batch.items()}
+        student = lambda *a: net(*a, force_drop_ids=drop[mine].to(run.device))
+        inputs = (local["x0"], local["y"], local["mask"], local.get("hw"), local.get("ar"))
+        draws = dict(t=t[mine].to(run.device), noise=noise[mine].to(run.device), prediction=model.config.prediction)
         with autocast:
-            loss = pm.training_loss(lambda *a: net(*a, force_drop_ids=drop[mine].to(run.device)), local["x0"],
-                                    local["y"], local["mask"], local.get("hw"), local.get("ar"),
-                                    t=t[mine].to(run.device), noise=noise[mine].to(run.device),
-                                    prediction=model.config.prediction)
+            loss = (pm.training_loss(student, *inputs, **draws) if teacher is None else
+                    lcm.lcm_loss(student, teacher, target, *inputs, **draws, cfg=args.teacher_cfg, huber_c=args.huber_c,
+                                 skip=args.lcm_skip))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)   # DDP has averaged the gradients: the
@@ -94,8 +104,9 @@ def train(model, ema, opt, step, data, args, run):
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))   # a short run's EMA must not keep the random start
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
+            for averages, d in [(ema, decay), (target, lcm.TARGET_DECAY)][:2 if target else 1]:
+                for e, p in zip(averages.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - d)
         seen += args.batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{avg.item():.4f}", img_s=f"{seen / (time.time() - t_start):.0f}")
@@ -105,7 +116,7 @@ def train(model, ema, opt, step, data, args, run):
             if args.eval_every and args.data == "shapes" and (step % args.eval_every == 0 or step == args.steps):
                 log_scores(ema, data, args, dict(step=step, loss=avg.item(), lr=lr), t_start, out, bar, run.device)
             if step % args.save_every == 0 or step == args.steps:
-                save_run(out, model, ema, opt, step, args)
+                save_run(out, model, ema, opt, step, args, target)
     bar.close()
 
 
@@ -156,7 +167,7 @@ def make_data(args, run):
             if run.ddp:
                 dist.barrier()
             text = toy_text()
-        return ShapesData(text, args.image_size, args.two_objects, args.cond, args.captions)
+        return ShapesData(text, args.image_size, args.two_objects, args.cond, args.captions, args.concept)
     cache = Path(args.cache or Path(args.data) / ".pixart_cache")
     try:
         if not (cache / "index.json").exists():
@@ -175,12 +186,15 @@ def make_data(args, run):
     return data
 
 
-def make_model(args, data, run, resumed):
+def make_model(args, data, run, resumed, teacher=None):
     """The model in training mode, its EMA copy, the optimiser and the step to start at: a new model, one
-    fine-tuned (--init), re-parameterised from a stage-1 DiT (--init-dit), or a resumed run."""
+    fine-tuned (--init), re-parameterised from a stage-1 DiT (--init-dit), a copy of the teacher (--distill-lcm),
+    or a resumed run."""
     torch.manual_seed(args.seed)                           # the same start for the same seed
     if resumed:
         model = model_from(resumed, "state_dict", args.resume)
+    elif teacher is not None:                              # the student starts as the teacher, as does its EMA
+        model = deepcopy(teacher).requires_grad_(True)
     elif args.init_dit:
         model = from_dit(args.init_dit, data, args.no_reparam)
     elif args.init:
@@ -191,19 +205,26 @@ def make_model(args, data, run, resumed):
                                     "model_max_length": data.length,
                                     **({"prediction": args.prediction} if args.prediction else {})})
         model = DiT(config, shapes.NUM_CLASSES) if args.cond == "class" else pm.PixArt(config)
+    if args.lora and not resumed:                         # fresh adapters; the rest of the model is frozen
+        try:
+            lora.add_lora(model, args.lora, targets=(args.lora_targets or ",".join(lora.ATTENTION_MLP)).split(","))
+        except ValueError as e:
+            raise SystemExit(f"train.py: --lora-targets: {e}") from None
     model.config.class_dropout_prob = args.null_prob
     model = model.to(run.device).train()
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=1e-10)
+    trained = [p for p in model.parameters() if p.requires_grad]      # with --lora: the adapters alone
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, eps=1e-10)
     step = 0
     if resumed:
         ema.load_state_dict(resumed["state_dict_ema"])
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]
     n_params = sum(p.numel() for p in model.parameters())
-    run.log(f"{type(model).__name__} {n_params / 1e6:.2f}M parameters, {run.world} process(es) on {run.device}, "
-            f"step {step} -> {args.steps}")
+    run.log(f"{type(model).__name__} {n_params / 1e6:.2f}M parameters" +
+            (f" ({sum(p.numel() for p in trained):,} of them in LoRA adapters, trained)" if args.lora else "") +
+            f", {run.world} process(es) on {run.device}, step {step} -> {args.steps}")
     out = Path(args.out)
     if run.master:
         out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +232,30 @@ def make_model(args, data, run, resumed):
             forget_after(out / "loss.csv", step, lambda line: int(line.split(",")[0]))
             forget_after(out / "metrics.jsonl", step, lambda line: json.loads(line)["step"])
     return model, ema, opt, step
+
+
+def load_teacher(path, data, run):
+    """--distill-lcm's teacher, frozen: a PixArt folder or file, or a last.pt of this script (its EMA weights)."""
+    try:
+        teacher = load_model(path, "state_dict_ema")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: --distill-lcm: {e}") from None
+    if isinstance(teacher, DiT):
+        raise SystemExit(f"train.py: --distill-lcm {path} is a class-conditional DiT: distil a text-to-image PixArt")
+    if not teacher.has_null_caption:                       # its guidance needs the null caption it was trained with
+        raise SystemExit(f"train.py: --distill-lcm {path} carries no null caption (diffusers weights): the teacher's "
+                         "guidance needs one; give its .pth or a checkpoint of this script")
+    check_fits(teacher, data, path)
+    return teacher.to(run.device).eval().requires_grad_(False)
+
+
+def lcm_target(model, resumed):
+    """--distill-lcm's target network: a frozen copy of the student (which starts as the teacher), or the resumed
+    run's."""
+    target = deepcopy(model).eval().requires_grad_(False)
+    if resumed:
+        target.load_state_dict(resumed["state_dict_target"])
+    return target
 
 
 def from_dit(path, data, no_reparam=False):
@@ -257,6 +302,8 @@ def model_from(ckpt, weights, source):
     EMA weights."""
     config = pm.PixArtConfig(**ckpt["config"])
     model = DiT(config, ckpt["num_classes"]) if ckpt["kind"] == "dit" else pm.PixArt(config)
+    if ckpt.get("lora"):                                   # a --lora run's: its adapters, then their weights
+        lora.add_lora(model, ckpt["lora"]["r"], ckpt["lora"]["lora_alpha"], ckpt["lora"]["target_modules"])
     pm.load_strict(model, ckpt[weights], source)
     model.has_null_caption = ckpt.get("has_null_caption", True)   # False: started from diffusers weights
     return model
@@ -306,6 +353,7 @@ def score(args, run):
     scores = evaluate(model, data, args, args.eval_n, run.device, out / "score_samples.png", progress=True)
     (out / "score.json").write_text(json.dumps(dict(model=str(args.score), prompts_per_group=args.eval_n,
                                                     seed=args.eval_seed, cfg=args.cfg, steps=args.eval_steps,
+                                                    sampler=args.eval_sampler,
                                                     **scores), indent=1))
     for group, s in scores.items():
         run.log(f"{group:10s} " + "  ".join(f"{k} {v:.1%}" for k, v in s.items() if v == v))   # v == v: not NaN
@@ -324,19 +372,29 @@ def log_scores(ema, data, args, now, t_start, out, bar, device):
     if args.cond == "class":
         bar.write(f"step {step}: largest object with its class's shape {scores['1obj']['shape']:.0%} (one object)")
     else:
+        new = scores.get(f"{args.concept}_1obj")
         bar.write(f"step {step}: all-correct 1 object {scores['1obj']['all']:.0%}, 2 objects "
                   f"{scores['2obj']['all']:.0%} (held-out pairs {scores['held_1obj']['all']:.0%}, "
-                  f"{scores['held_2obj']['all']:.0%})")
+                  f"{scores['held_2obj']['all']:.0%})" + (f"; {args.concept} 1 object: colour read back "
+                  f"{new['color']:.0%}, all correct {new['all']:.0%}" if new else ""))
 
 
 @torch.no_grad()
 def evaluate(model, data, args, n_per_group, device, grid_path=None, progress=False):
     """Scores of the EMA model on fixed prompts (seeded): one and two objects, seen and held-out colour-shape
-    pairs. A class-conditional model knows only its class, object 0's shape: it is scored on how often the
-    largest object of a one-object scene has that shape."""
+    pairs; with --concept also one object of the new colour (group "<colour>_1obj", drawn after the others). A
+    class-conditional model knows only its class, object 0's shape: it is scored on how often the largest object of
+    a one-object scene has that shape."""
     rng, S = np.random.default_rng(args.eval_seed), args.image_size
     specs = [shapes.random_spec(rng, k, held) for held in (False, True) for k in (1, 2) for _ in range(n_per_group)]
     noise = torch.randn(len(specs), data.channels, S, S, generator=torch.Generator().manual_seed(args.eval_seed))
+    if args.concept:
+        new = [shapes.random_spec(rng, 1) for _ in range(n_per_group)]
+        for spec in new:
+            spec.objects[0].color = args.concept
+        specs += new
+        noise = torch.cat([noise, torch.randn(len(new), data.channels, S, S,
+                                              generator=torch.Generator().manual_seed(args.eval_seed + 1))])
     if args.cond == "class":                        # scored on one object: draw only those, with the same noise
         keep = [i for i, s in enumerate(specs) if len(s.objects) == 1]
         specs, noise = [specs[i] for i in keep], noise[keep]
@@ -344,11 +402,14 @@ def evaluate(model, data, args, n_per_group, device, grid_path=None, progress=Fa
         null_y = torch.full_like(y, model.num_classes)
     else:
         (y, mask), null_y = data.text([shapes.dense_caption(s) for s in specs]), None
-    part = lambda v, i: None if v is None else v[i:i + 64].to(device)
-    images = torch.cat([pm.sample(model, part(noise, i), part(y, i), part(mask, i), null_y=part(null_y, i),
-                                  null_mask=part(mask, i) if null_y is not None else None,
-                                  steps=args.eval_steps, cfg_scale=args.cfg).clamp(-1, 1).cpu()
-                        for i in tqdm(range(0, len(specs), 64), desc="score", disable=not progress)])
+    n = len(specs) - (n_per_group if args.concept else 0)     # batches of 64, the concept's group apart
+    batches = [(i, min(i + 64, end)) for begin, end in [(0, n), (n, len(specs))] for i in range(begin, end, 64)]
+    part = lambda v, i, j: None if v is None else v[i:j].to(device)
+    images = torch.cat([pm.sample(model, part(noise, i, j), part(y, i, j), part(mask, i, j), null_y=part(null_y, i, j),
+                                  null_mask=part(mask, i, j) if null_y is not None else None, steps=args.eval_steps,
+                                  cfg_scale=args.cfg, sampler=args.eval_sampler,   # lcm, ddpm: seeded fresh noise
+                                  generator=torch.Generator().manual_seed(args.eval_seed + 1 + i)).clamp(-1, 1).cpu()
+                        for i, j in tqdm(batches, desc="score", disable=not progress)])
     if grid_path:
         pick = slice(None, None, max(1, len(images) // 32))
         captions = [shapes.dense_caption(s) if args.cond == "text" else s.objects[0].shape for s in specs[pick]]
@@ -359,10 +420,11 @@ def evaluate(model, data, args, n_per_group, device, grid_path=None, progress=Fa
         share = lambda ps: float(np.mean([asked == read for asked, read in ps])) if ps else float("nan")
         return {"1obj": {"shape": share(pairs), **{k: share([p for p in pairs if p[0] == k]) for k in shapes.SHAPES}}}
     records = shapes.evaluate_each(images, specs)
-    held = [any((o.color, o.shape) in shapes.HELD_OUT for o in s.objects) for s in specs]
-    return {f"{'held_' if h else ''}{k}obj": shapes.summarize([r for r, s, hs in zip(records, specs, held)
-                                                              if len(s.objects) == k and hs == h])
-            for h in (False, True) for k in (1, 2)}
+    held = [any((o.color, o.shape) in shapes.HELD_OUT for o in s.objects) for s in specs[:n]]
+    scores = {f"{'held_' if h else ''}{k}obj": shapes.summarize([r for r, s, hs in zip(records, specs, held)
+                                                                if len(s.objects) == k and hs == h])
+              for h in (False, True) for k in (1, 2)}
+    return {**scores, **({f"{args.concept}_1obj": shapes.summarize(records[n:])} if args.concept else {})}
 
 
 def save_grid(images, path, cols=8, scale=4, captions=None):
@@ -395,7 +457,10 @@ def learning_rate(step, args):
 def draw_timesteps(n, generator, how="uniform"):
     """(n,) training timesteps. uniform over 0..T-1 is the paper's. logit-normal (t/T the sigmoid of a standard
     normal, as in Stable Diffusion 3) spends two thirds of the steps between t=270 and t=730, where notebook 02
-    shows the toy model's clean-picture estimate going from mostly right to mostly wrong, and few at the ends."""
+    shows the toy model's clean-picture estimate going from mostly right to mostly wrong, and few at the ends.
+    lcm: LCM distillation's, 19, 39, ..., 999, the 50-step grid its teacher steps along (lcm.py)."""
+    if how == "lcm":
+        return lcm.grid_timesteps(n, generator)
     if how == "uniform":
         return torch.randint(0, pm.T, (n,), generator=generator)
     return (torch.sigmoid(torch.randn(n, generator=generator)) * pm.T).long()
@@ -403,22 +468,26 @@ def draw_timesteps(n, generator, how="uniform"):
 
 # ==================== Checkpoints: everything needed to continue, written atomically ====================
 
-def save_checkpoint(path, model, ema, opt, step, args):
+def save_checkpoint(path, model, ema, opt, step, args, target=None):
     """Write to a temporary file, then rename: a run killed mid-write never leaves a half-written checkpoint."""
     ckpt = dict(kind="dit" if isinstance(model, DiT) else "pixart", config=asdict(model.config),
                 num_classes=getattr(model, "num_classes", None),
-                has_null_caption=getattr(model, "has_null_caption", True),
+                has_null_caption=getattr(model, "has_null_caption", True), lora=getattr(model, "lora_config", None),
                 state_dict=model.state_dict(), state_dict_ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
-                args=vars(args))
+                args=vars(args), **({} if target is None else {"state_dict_target": target.state_dict()}))
     tmp = Path(str(path) + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
-def save_run(out, model, ema, opt, step, args):
+def save_run(out, model, ema, opt, step, args, target=None):
     """last.pt, and the EMA weights on their own: pixart.safetensors, ready for sample.py, or a stage-1 DiT's
-    dit.safetensors (fp16), ready for --init-dit (checkpoints/toy_dit holds one)."""
-    save_checkpoint(out / "last.pt", model, ema, opt, step, args)
+    dit.safetensors (fp16), ready for --init-dit (checkpoints/toy_dit holds one). A --lora run's EMA adapters also
+    go to lora/ (PEFT's format), and pixart.safetensors holds them merged."""
+    save_checkpoint(out / "last.pt", model, ema, opt, step, args, target)
+    if args.lora:
+        lora.save_lora(ema, out / "lora")
+        ema = lora.merge_lora(deepcopy(ema))
     name = "dit.safetensors" if isinstance(model, DiT) else "pixart.safetensors"
     (save_dit if isinstance(model, DiT) else pm.save_pixart)(ema, out / f"{name}.tmp")
     os.replace(out / f"{name}.tmp", out / name)
@@ -454,6 +523,12 @@ def forget_after(path, step, step_of):
 TWO_OBJECTS = 0.25          # the default share of two-object scenes: the target is one-object prompts (README)
 BEFORE_THE_OPTION = dict(timesteps="uniform", lr_decay="none", no_reparam=False, from_scratch=False)   # in old runs
 RESUME_MAY_CHANGE = {"resume", "steps", "lr", "warmup", "clip", "eval_every", "save_every"}   # the rest: the run's own
+# --distill-lcm's defaults, where the command line does not name them: the official config's (no null captions,
+# weight decay 0, clip 0.01, guidance w = 4.5, i.e. 5.5 on sample's scale; the target network's EMA is
+# lcm.TARGET_DECAY), and, measured on the toy (docs/lcm.md), a rate, a length, a 100-step teacher step and Huber c
+LCM_DISTILL = dict(null_prob=0.0, weight_decay=0.0, clip=0.01, lr=1e-4, lr_decay="cosine", steps=1000,
+                   teacher_cfg=5.5, huber_c=0.03, lcm_skip=100, eval_sampler="lcm")
+LCM_SAMPLING = dict(eval_steps=4, cfg=1.0)          # --eval-sampler lcm's: 4 steps without guidance, as PixArt-LCM
 
 
 def settings(argv):
@@ -481,9 +556,14 @@ def parse_args(argv=None, named_only=False):
         named = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])))))
         return {k: v for k, v in vars(named).items() if v is not None}
     args = p.parse_args(argv)
-    if not (args.from_scratch or args.init or args.init_dit or args.resume or args.score) and args.data == "shapes" \
-            and args.cond == "text" and args.preset == "toy" and args.image_size in (None, 32):
+    started = args.from_scratch or args.init or args.init_dit or args.resume or args.score or args.distill_lcm
+    if not started and args.data == "shapes" and args.cond == "text" and args.preset == "toy" \
+            and args.image_size in (None, 32):
         args.init_dit = str(TOY_DIT)                  # the default: the paper's stage 2, from the bundled stage 1
+    if args.distill_lcm or args.eval_sampler == "lcm":   # their own defaults, for the options not named
+        named = parse_args(argv, named_only=True)
+        for k, v in {**(LCM_DISTILL if args.distill_lcm else {}), **LCM_SAMPLING}.items():
+            setattr(args, k, named.get(k, v))
     check_args(args, p.error)
     if args.image_size is None and not args.score:
         args.image_size = 32
@@ -514,6 +594,22 @@ def parser():
                    "--steps, --lr, --warmup, --clip, --eval-every and --save-every may be given anew")
     p.add_argument("--score", help="no training: score this model (folder, .safetensors, or a stage-1 last.pt) "
                                    "on --eval-n prompts a group")
+    p.add_argument("--distill-lcm", metavar="TEACHER", help="LCM distillation (PixArt-delta): a student, starting as "
+                   "a copy of this PixArt (folder, file or last.pt), learns to draw in 4 unguided steps what the "
+                   "teacher draws guided; its own defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                          for k, v in LCM_DISTILL.items()))
+    p.add_argument("--teacher-cfg", type=float, help="with --distill-lcm: the teacher's guidance scale, as --cfg "
+                   "(the official config's cfg_scale 4.5 is the LCM paper's w: 5.5 on this scale)")
+    p.add_argument("--lcm-skip", type=int, help="with --distill-lcm: the teacher's DDIM step, in timesteps (the "
+                   "official 20: one step of its 50-step grid; the toy's default 100)")
+    p.add_argument("--huber-c", type=float, help="with --distill-lcm: the pseudo-Huber loss's c (a difference below "
+                   "it counts as its square, above it as its size; official 0.001, the toy's default 0.03)")
+    p.add_argument("--lora", type=int, metavar="RANK", help="train only low-rank adapters of this rank on --init's "
+                   "model (lora.py); the run also saves them in PEFT's format (lora/) and merged (pixart.safetensors)")
+    p.add_argument("--lora-targets", help="with --lora: the layers to adapt, diffusers' names, comma-separated "
+                   f"(PEFT's rule: a name or its ending); default {','.join(lora.ATTENTION_MLP)}")
+    p.add_argument("--concept", choices=list(shapes.NEW_COLORS), help="shapes world: object 0 takes this new colour "
+                   "in half the scenes, and the evaluation adds a group of one object of it (notebook 07)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -531,6 +627,9 @@ def parser():
     p.add_argument("--null-prob", type=float, default=0.1, help="share of captions replaced by the null caption")
     p.add_argument("--cfg", type=float, default=4.5, help="guidance scale of the evaluation samples")
     p.add_argument("--eval-steps", type=int, default=20, help="sampler steps of the evaluation samples")
+    p.add_argument("--eval-sampler", choices=["dpm-solver", "ddim", "ddpm", "lcm"], default="dpm-solver",
+                   help="sampler of the evaluation samples; lcm (a --distill-lcm student's) defaults to --eval-steps 4 "
+                        "--cfg 1")
     p.add_argument("--eval-every", type=int, default=1000,
                    help="shapes world: score the EMA model every so often; 0: never")
     p.add_argument("--eval-n", type=int, default=64, help="prompts per group (1/2 objects, seen/held-out)")
@@ -544,7 +643,7 @@ def parser():
 
 def check_args(args, error):
     """Every mistake in the options that can be seen before any work, as `train.py: error: ...` (exit code 2)."""
-    for name in ("resume", "init_dit", "data", "score"):            # local paths; --init may also be a hub id
+    for name in ("resume", "init_dit", "data", "score", "distill_lcm"):   # local paths; --init may also be a hub id
         path = getattr(args, name)
         if path and path != "shapes" and not Path(path).exists():
             error(f"--{name.replace('_', '-')}: no such file or folder: {path}")
@@ -583,6 +682,45 @@ def check_args(args, error):
         error("--no-reparam changes how --init-dit starts stage 2: give --init-dit (the toy's default) too")
     if args.init_dit and args.cond == "class":
         error("--init-dit starts stage 2, which reads captions: leave out --cond class")
+    check_lcm_args(args, error)
+    check_lora_args(args, error)
+
+
+def check_lcm_args(args, error):
+    """The mistakes of --distill-lcm and of the lcm sampler."""
+    if args.distill_lcm:                          # a --lora option (LCM-LoRA) would be named in this list until it fits
+        clash = [flag for flag, value in [("--init", args.init), ("--init-dit", args.init_dit), ("--score", args.score),
+                                          ("--from-scratch", args.from_scratch), ("--prediction", args.prediction),
+                                          ("--lora", args.lora)] if value]
+        if clash:
+            error(f"--distill-lcm starts the student as a copy of its teacher: leave out {', '.join(clash)}")
+        if args.cond == "class":
+            error("--distill-lcm distils a text-to-image PixArt, which reads captions: leave out --cond class")
+        if not (math.isfinite(args.teacher_cfg) and args.teacher_cfg >= 0):
+            error(f"--teacher-cfg must be a finite number >= 0, got {args.teacher_cfg}")
+        if not (args.huber_c > 0 and 1 <= args.lcm_skip < pm.T):
+            error(f"--huber-c must be above 0 and --lcm-skip from 1 to {pm.T - 1}, got {args.huber_c} and "
+                  f"{args.lcm_skip}")
+    elif not all(getattr(args, k) is None for k in ("teacher_cfg", "huber_c", "lcm_skip")):
+        error("--teacher-cfg, --huber-c and --lcm-skip are --distill-lcm's: give --distill-lcm too")
+    if args.eval_sampler == "lcm" and (args.cfg != 1 or args.eval_steps > lcm.GRID):
+        error(f"--eval-sampler lcm takes --cfg 1 (the teacher's guidance is distilled in) and at most {lcm.GRID} "
+              f"--eval-steps; got --cfg {args.cfg}, --eval-steps {args.eval_steps}")
+
+
+def check_lora_args(args, error):
+    """The mistakes of --lora and --concept."""
+    if args.lora is not None:
+        if args.lora < 1:
+            error(f"--lora is the adapters' rank, a whole number >= 1; got {args.lora}")
+        if not args.init:
+            error("--lora adapts a finished PixArt: name it with --init (e.g. --init checkpoints/toy)")
+        if args.cond == "class":
+            error("--lora adapts a text-to-image PixArt: leave out --cond class")
+    elif args.lora_targets:
+        error("--lora-targets names the layers that --lora adapts: give --lora RANK too")
+    if args.concept and (args.data != "shapes" or args.cond != "text"):
+        error("--concept is a colour of the shapes world's captions: leave out --data and --cond class")
 
 
 if __name__ == "__main__":

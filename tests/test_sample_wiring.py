@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import lora
 import sample
 from conftest import diffusers_vae, make_pipeline_dir
 from pixart_min import PRESETS, T5TextEncoder, load_pixart
@@ -53,6 +54,30 @@ def test_lcm_from_the_command_line(pipeline_dir, tmp_path, capsys):
     want = sample_latents(load_pixart(pipeline_dir), start, y.expand(2, -1, -1), mask.expand(2, -1), steps=4,
                           cfg_scale=1, sampler="lcm", generator=generators)
     assert len(got) == 2 and all(torch.allclose(g, w, rtol=1e-5, atol=1e-3) for g, w in zip(got, want))
+
+
+def test_a_lora_adapter_from_the_command_line(pipeline_dir, tmp_path, capsys):
+    """--lora: the adapter merged into the model, as lora.py merges it; one that does not fit is named (exit 2)."""
+    model = load_pixart(pipeline_dir)
+    lora.add_lora(model, rank=2, targets=["attn2.to_k", "attn2.to_v"])
+    for m in model.modules():
+        if isinstance(m, lora.LoRA):
+            for B in m.lora_B.values():
+                torch.nn.init.normal_(B, std=0.5)                           # a trained adapter's B is not zero
+    lora.save_lora(model, tmp_path / "adapter")
+    common = ["a red circle", "--model", pipeline_dir, "--height", 16, "--width", 24]
+    got = run(capsys, *common, "--lora", tmp_path / "adapter", "--out", tmp_path / "a")
+    plain = run(capsys, *common, "--out", tmp_path / "b")
+    t5 = T5TextEncoder(pipeline_dir)
+    (y, mask), (null_y, null_mask) = t5(["a red circle"]), t5([""])      # diffusers weights: the null caption is ""
+    want = sample_latents(lora.merge_lora(model), noise(4, 8, 12), y, mask, null_y=null_y, null_mask=null_mask,
+                          steps=3)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and (got[0] - plain[0]).abs().max() > 1e-3
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 3, '
+                                                              '"target_modules": ["to_k", "to_v"]}')
+    with pytest.raises(SystemExit) as e:
+        run(capsys, *common, "--lora", tmp_path / "adapter", "--out", tmp_path / "c")
+    assert e.value.code == 2 and "do not fit rank r = 3" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

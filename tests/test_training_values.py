@@ -37,7 +37,7 @@ def test_one_ema_update_is_its_formula(rate, tmp_path, monkeypatch):
     does not keep its random start. At n = 2 that is d = 3/12 for the paper's rate and d = 0.2 for --ema 0.2."""
     saved = {}
 
-    def save_run(out, model, ema, opt, step, args):                       # the weights at every save, by step
+    def save_run(out, model, ema, opt, step, args, target=None):               # the weights at every save, by step
         saved[step] = [{k: p.detach().clone() for k, p in m.named_parameters()} for m in (model, ema)]
 
     monkeypatch.setattr(train, "save_run", save_run)
