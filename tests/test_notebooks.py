@@ -22,8 +22,8 @@ def exercises(path):
     return EXERCISE.findall(nbformat.read(path, as_version=4).cells[-1].source)
 
 
-def test_the_six_notebooks_are_there_with_their_solutions():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+def test_the_seven_notebooks_are_there_with_their_solutions():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
     assert [p.name for p in SOLUTIONS] == [f"{p.stem}_solutions.ipynb" for p in NOTEBOOKS]
 
 
