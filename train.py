@@ -526,7 +526,7 @@ RESUME_MAY_CHANGE = {"resume", "steps", "lr", "warmup", "clip", "eval_every", "s
 # --distill-lcm's defaults, where the command line does not name them: the official config's (no null captions,
 # weight decay 0, clip 0.01, guidance w = 4.5, i.e. 5.5 on sample's scale; the target network's EMA is
 # lcm.TARGET_DECAY), and, measured on the toy (docs/lcm.md), a rate, a length, a 100-step teacher step and Huber c
-LCM_DISTILL = dict(null_prob=0.0, weight_decay=0.0, clip=0.01, lr=1e-4, lr_decay="cosine", steps=1000,
+LCM_DISTILL = dict(null_prob=0.0, weight_decay=0.0, clip=0.01, lr=1e-4, lr_decay="cosine", steps=500,
                    teacher_cfg=5.5, huber_c=0.03, lcm_skip=100, eval_sampler="lcm")
 LCM_SAMPLING = dict(eval_steps=4, cfg=1.0)          # --eval-sampler lcm's: 4 steps without guidance, as PixArt-LCM
 
