@@ -47,7 +47,10 @@ def load_components(args, dtype):
 def with_lora(model, adapter):
     """The model, with a PEFT LoRA adapter (folder or hub id) merged into its weights if one is given."""
     if adapter:
-        lora.load_lora(model, adapter)
+        try:
+            lora.load_lora(model, adapter)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--lora: {e}") from None
         lora.merge_lora(model)
     return model
 

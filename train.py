@@ -10,6 +10,7 @@ clipping, 10% null captions, EMA, bf16 on GPUs.
   python train.py --timesteps uniform                      # the paper's t; the default's and others: docs/options.md
   python train.py --distill-lcm checkpoints/toy --out runs/lcm   # LCM distillation: 4 steps, no guidance (docs/lcm.md)
   python train.py --score runs/lcm/last.pt --eval-sampler lcm     # score it with its own sampler (4 steps, cfg 1)
+  python train.py --init checkpoints/toy --lora 1 --concept white --out runs/white   # LoRA: a new word (docs/lora.md)
   python train.py --score checkpoints/toy --eval-n 200     # no training: score a model on 4 x 200 seeded prompts
   python train.py --score checkpoints/toy --eval-n 200 --eval-seed 4242   # the same on another seeded draw
   python train.py --data my_images/ --t5 T5 --vae VAE --preset PixArt-XL-2-256 --image-size 256   # real data
@@ -688,7 +689,7 @@ def check_args(args, error):
 
 def check_lcm_args(args, error):
     """The mistakes of --distill-lcm and of the lcm sampler."""
-    if args.distill_lcm:                          # a --lora option (LCM-LoRA) would be named in this list until it fits
+    if args.distill_lcm:
         clash = [flag for flag, value in [("--init", args.init), ("--init-dit", args.init_dit), ("--score", args.score),
                                           ("--from-scratch", args.from_scratch), ("--prediction", args.prediction),
                                           ("--lora", args.lora)] if value]

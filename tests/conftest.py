@@ -357,6 +357,22 @@ def pipeline_dir_micro(tmp_path_factory):
     return make_pipeline_dir(tmp_path_factory.mktemp("pipeline_micro"), micro=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_shapes_pixart(tmp_path_factory):
+    """A tiny text-to-image PixArt of the shapes world, trained by train.py for 2 steps: a model that loads as the
+    toy's (to distil, adapt or score) in a fraction of a second. Returns its pixart.safetensors."""
+    import train
+    out = tmp_path_factory.mktemp("tiny_shapes_pixart")
+    train.main(["--out", str(out), "--preset", "tiny", "--steps", "2", "--save-every", "2", "--batch-size", "8",
+                "--eval-every", "0", "--warmup", "2", "--lr", "1e-2"])   # 1e-2: cross-attention leaves zero
+    return out / "pixart.safetensors"
+
+
+def losses(folder):
+    """A train.py run's losses, step by step, from its loss.csv."""
+    return [float(line.split(",")[1]) for line in (folder / "loss.csv").read_text().splitlines()]
+
+
 # ---- the parity table: tests call report(); pytest prints what they measured at the end of the run ----
 PARITY = []
 

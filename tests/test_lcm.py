@@ -10,7 +10,7 @@ import torch
 import lcm
 import pixart_min as pm
 import train
-from conftest import randomize_
+from conftest import losses, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "8", "--eval-every", "0", "--lr", "1e-3", "--warmup", "2"]
@@ -28,16 +28,10 @@ def inputs(seed=0, B=4):
     return x0, noise, y, mask
 
 
-def losses(folder):
-    return [float(line.split(",")[1]) for line in (folder / "loss.csv").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A tiny text-to-image PixArt of the shapes world, trained for 2 steps: a teacher that loads as the toy's."""
-    out = tmp_path_factory.mktemp("teacher")
-    train.main(["--out", str(out), "--preset", "tiny", "--steps", "2", "--save-every", "2", *FAST])
-    return out / "pixart.safetensors"
+def teacher_dir(tiny_shapes_pixart):
+    """A tiny text-to-image PixArt of the shapes world: a teacher that loads as the toy's."""
+    return tiny_shapes_pixart
 
 
 def test_the_grid_and_the_boundary_scalings():

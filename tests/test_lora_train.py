@@ -11,6 +11,7 @@ import lora
 import pixart_min as pm
 import shapes
 import train
+from conftest import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "8", "--eval-every", "0", "--warmup", "2", "--lr", "1e-2"]
@@ -18,15 +19,9 @@ KV = ["--lora", "2", "--lora-targets", "attn2.to_k,attn2.to_v"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny text-to-image PixArt of the shapes world, trained for 2 steps: a model to adapt, loaded as the toy."""
-    out = tmp_path_factory.mktemp("base")
-    train.main(["--out", str(out), "--preset", "tiny", "--steps", "2", "--save-every", "2", *FAST])
-    return out / "pixart.safetensors"
-
-
-def losses(folder):
-    return [float(line.split(",")[1]) for line in (folder / "loss.csv").read_text().splitlines()]
+def base(tiny_shapes_pixart):
+    """A tiny text-to-image PixArt of the shapes world: a model to adapt, loaded as the toy."""
+    return tiny_shapes_pixart
 
 
 def test_a_lora_run_trains_the_adapters_alone_and_saves_them_both_ways(tmp_path, base):

@@ -15,16 +15,12 @@ from PIL import Image
 import pixart_min as pm
 import data
 import train
-from conftest import diffusers_vae, randomize_, write_t5_dir
+from conftest import diffusers_vae, losses, randomize_, write_t5_dir
 from data import TOY_DIT
 from dit import DiT, reparameterize, save_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "0", "--lr", "1e-3", "--warmup", "2"]
-
-
-def losses(folder):
-    return [float(line.split(",")[1]) for line in (folder / "loss.csv").read_text().splitlines()]
 
 
 def tiny_dit(seed=0):
