@@ -3,7 +3,8 @@ to jump from any point of its guided teacher's sampling path straight to the pat
 sample(..., sampler="lcm", cfg_scale=1) draw what the teacher draws in 20 guided ones. The official recipe is
 train_scripts/train_pixart_lcm.py with configs/pixart_config/PixArt_xl2_img1024_lcm.py; `train.py --distill-lcm
 TEACHER` runs it, with lcm_loss in place of the training loss (on the toy with a teacher step of 100 rather than
-20 and c = 0.03: docs/lcm.md). In symbols, the official values:
+20, and the squared difference, the script's other loss, in place of the pseudo-Huber: docs/lcm.md says why). In
+symbols, the official values:
 
   x_t    = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   t = 20 (n + 1) - 1, n ~ U{0..49},   s = max(t - 20, 0)
   f      = c_skip(t) x_t + c_out(t) x0_student(x_t, t)                  the consistency function: f(x, 0) = x
@@ -65,7 +66,8 @@ def lcm_loss(student, teacher, target, x0, y, mask=None, hw=None, ar=None, t=Non
     """The latent consistency distillation loss, a mean over the batch. student: the network being trained (a
     function, as training_loss takes); teacher: frozen; target: the student's EMA (the script's model_ema), no
     gradient. t: starting steps from grid_timesteps; x0 (B, C, H, W) clean latents; y, mask captions; huber_c:
-    the pseudo-Huber loss's c, below which a difference counts as its square; skip: the teacher's step, t - s
+    the pseudo-Huber loss's c, below which a difference counts as its square, above it as its size (the config's
+    loss_type "huber"), or None: the squared difference (its loss_type "l2"); skip: the teacher's step, t - s
     (the LCM paper's skipping step k; the script's 20, one step of its grid)."""
     prediction = prediction or teacher.config.prediction
     t = grid_timesteps(len(x0), None).to(x0.device) if t is None else t
@@ -76,4 +78,6 @@ def lcm_loss(student, teacher, target, x0, y, mask=None, hw=None, ar=None, t=Non
     with torch.no_grad():
         xs = teacher_step(teacher, xt, t, s, y, mask, hw, ar, cfg)
         goal = consistency(target, xs, s, y, mask, hw, ar, prediction)
+    if huber_c is None:
+        return ((f - goal) ** 2).mean()
     return (((f - goal) ** 2 + huber_c ** 2).sqrt() - huber_c).mean()

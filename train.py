@@ -526,9 +526,10 @@ BEFORE_THE_OPTION = dict(timesteps="uniform", lr_decay="none", no_reparam=False,
 RESUME_MAY_CHANGE = {"resume", "steps", "lr", "warmup", "clip", "eval_every", "save_every"}   # the rest: the run's own
 # --distill-lcm's defaults, where the command line does not name them: the official config's (no null captions,
 # weight decay 0, clip 0.01, guidance w = 4.5, i.e. 5.5 on sample's scale; the target network's EMA is
-# lcm.TARGET_DECAY), and, measured on the toy (docs/lcm.md), a rate, a length, a 100-step teacher step and Huber c
-LCM_DISTILL = dict(null_prob=0.0, weight_decay=0.0, clip=0.01, lr=1e-4, lr_decay="cosine", steps=500,
-                   teacher_cfg=5.5, huber_c=0.03, lcm_skip=100, eval_sampler="lcm")
+# lcm.TARGET_DECAY), and, measured on the toy (docs/lcm.md), a rate, a length and a 100-step teacher step; the loss
+# is the squared difference (the config's loss_type "l2") unless --huber-c asks for the config's pseudo-Huber
+LCM_DISTILL = dict(null_prob=0.0, weight_decay=0.0, clip=0.01, lr=1e-4, lr_decay="cosine", steps=2000,
+                   teacher_cfg=5.5, lcm_skip=100, eval_sampler="lcm")
 LCM_SAMPLING = dict(eval_steps=4, cfg=1.0)          # --eval-sampler lcm's: 4 steps without guidance, as PixArt-LCM
 
 
@@ -603,8 +604,9 @@ def parser():
                    "(the official config's cfg_scale 4.5 is the LCM paper's w: 5.5 on this scale)")
     p.add_argument("--lcm-skip", type=int, help="with --distill-lcm: the teacher's DDIM step, in timesteps (the "
                    "official 20: one step of its 50-step grid; the toy's default 100)")
-    p.add_argument("--huber-c", type=float, help="with --distill-lcm: the pseudo-Huber loss's c (a difference below "
-                   "it counts as its square, above it as its size; official 0.001, the toy's default 0.03)")
+    p.add_argument("--huber-c", type=float, help="with --distill-lcm: the official pseudo-Huber loss with this c (a "
+                   "difference below c counts as its square, above it as its size; official 0.001) in place of the "
+                   "toy's squared difference")
     p.add_argument("--lora", type=int, metavar="RANK", help="train only low-rank adapters of this rank on --init's "
                    "model (lora.py); the run also saves them in PEFT's format (lora/) and merged (pixart.safetensors)")
     p.add_argument("--lora-targets", help="with --lora: the layers to adapt, diffusers' names, comma-separated "
@@ -699,7 +701,7 @@ def check_lcm_args(args, error):
             error("--distill-lcm distils a text-to-image PixArt, which reads captions: leave out --cond class")
         if not (math.isfinite(args.teacher_cfg) and args.teacher_cfg >= 0):
             error(f"--teacher-cfg must be a finite number >= 0, got {args.teacher_cfg}")
-        if not (args.huber_c > 0 and 1 <= args.lcm_skip < pm.T):
+        if not ((args.huber_c is None or args.huber_c > 0) and 1 <= args.lcm_skip < pm.T):
             error(f"--huber-c must be above 0 and --lcm-skip from 1 to {pm.T - 1}, got {args.huber_c} and "
                   f"{args.lcm_skip}")
     elif not all(getattr(args, k) is None for k in ("teacher_cfg", "huber_c", "lcm_skip")):
