@@ -56,6 +56,18 @@ def test_lcm_from_the_command_line(pipeline_dir, tmp_path, capsys):
     assert len(got) == 2 and all(torch.allclose(g, w, rtol=1e-5, atol=1e-3) for g, w in zip(got, want))
 
 
+
+def test_the_bundled_student_from_the_command_line(tmp_path, capsys):
+    """--model checkpoints/toy_lcm --sampler lcm is pixart_min.sample's LCM with the student's weights and the toy's
+    text encoder, which the folder carries."""
+    prompt, folder = "a small red circle above a large blue square", data.TOY.parent / "toy_lcm"
+    got = run(capsys, prompt, "--model", folder, "--sampler", "lcm", "--out", tmp_path, steps=4)
+    y, mask = T5TextEncoder(folder, max_length=PRESETS["toy"].model_max_length)([prompt])
+    g = torch.Generator().manual_seed(0)                                  # the starting noise, then the steps'
+    start = torch.randn(1, 3, 32, 32, generator=g)
+    want = sample_latents(load_pixart(folder), start, y, mask, steps=4, cfg_scale=1, sampler="lcm", generator=[g])
+    assert len(got) == 1 and torch.allclose(got[0], want[0], atol=1e-5)
+
 def test_a_lora_adapter_from_the_command_line(pipeline_dir, tmp_path, capsys):
     """--lora: the adapter merged into the model, as lora.py merges it; one that does not fit is named (exit 2)."""
     model = load_pixart(pipeline_dir)

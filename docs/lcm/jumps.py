@@ -22,11 +22,13 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("student", help="a --distill-lcm run's last.pt, or a PixArt folder")
 p.add_argument("pattern", help="four letters, S (student) or T (teacher), for the jumps from 999, 759, 499, 259")
 p.add_argument("--teacher", default="checkpoints/toy")
-p.add_argument("--eval-n", default="200")
+p.add_argument("--eval-n", type=int, default=200)
 p.add_argument("--out", required=True)
 args = p.parse_args()
 if len(args.pattern) != 4 or set(args.pattern) - set("ST"):
     p.error(f"the pattern is four letters S or T, got {args.pattern!r}")
+if not Path(args.student).exists():
+    p.error(f"no such student: {args.student}")
 
 teacher = train.load_model(args.teacher, "state_dict_ema").eval()
 lcm_sample = pm.sample
@@ -47,4 +49,4 @@ def mixed(model, noise, y, mask, *, generator=None, **unused):
 
 
 pm.sample = mixed                                                        # train.evaluate calls pm.sample
-train.main(["--score", args.student, "--eval-sampler", "lcm", "--eval-n", args.eval_n, "--out", args.out])
+train.main(["--score", args.student, "--eval-sampler", "lcm", "--eval-n", str(args.eval_n), "--out", args.out])
