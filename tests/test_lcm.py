@@ -213,4 +213,3 @@ def test_the_bundled_student_scores_what_the_docs_say(tmp_path):
     saved = json.loads((tmp_path / "score.json").read_text())
     assert (saved["sampler"], saved["steps"], saved["cfg"]) == ("lcm", 4, 1)
     assert scores["1obj"]["all"] >= BUNDLED_STUDENT_FLOOR, scores["1obj"]
-
